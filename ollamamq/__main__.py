@@ -1,0 +1,5 @@
+"""`python -m ollamamq`."""
+
+from ollamamq.cli import main
+
+main()

@@ -1,0 +1,162 @@
+"""Ollama backends: one HTTP session each, health, and which models live where."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gevent
+import requests
+from requests.adapters import HTTPAdapter
+
+from .fairshare import BackendView, normalize_model
+
+log = logging.getLogger(__name__)
+
+POOL_CONNECTIONS = 256  # keep-alive connections per backend: queued slots plus metadata calls
+
+
+def parse_backend(spec: str, default_slots: int) -> tuple[str, int]:
+    """Split "http://host:11434#4" into the URL and its number of slots."""
+    url, _, slots = spec.partition("#")
+    return url.rstrip("/"), int(slots) if slots else default_slots
+
+
+def make_session() -> requests.Session:
+    """A session that adds no headers of its own: the client's headers are what we send."""
+    session = requests.Session()
+    session.headers.clear()
+    session.trust_env = False  # never route loopback backends through an environment proxy
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=POOL_CONNECTIONS, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """A backend as the health endpoint and the admin show it."""
+
+    name: str
+    url: str
+    is_up: bool
+    latency_ms: float | None
+    active: int
+    slots: int
+    models: tuple[str, ...]
+    loaded: tuple[str, ...]
+    error: str | None
+
+
+class Backend:
+    """One Ollama server. `active` is written only by the dispatcher; health by the pool."""
+
+    def __init__(self, url: str, slots: int) -> None:
+        self.url = url
+        self.name = url.split("://", 1)[-1]
+        self.slots = slots
+        self.active = 0
+        self.session = make_session()
+        self.is_up = True  # optimistic until a check or a request says otherwise
+        self.latency_ms: float | None = None
+        self.models: frozenset[str] | None = None
+        self.loaded: frozenset[str] = frozenset()
+        self.error: str | None = None
+
+    def has_model(self, model: str) -> bool:
+        """Whether the model is installed here, or the list is not known yet."""
+        return self.models is None or normalize_model(model) in self.models
+
+    def view(self) -> BackendView:
+        """The policy's picture of this backend now."""
+        free = self.slots - self.active
+        return BackendView(self.name, free, self.active, self.is_up, self.models, self.loaded)
+
+    def status(self) -> BackendStatus:
+        """A frozen copy for display."""
+        return BackendStatus(
+            self.name,
+            self.url,
+            self.is_up,
+            self.latency_ms,
+            self.active,
+            self.slots,
+            tuple(sorted(self.models or ())),
+            tuple(sorted(self.loaded)),
+            self.error,
+        )
+
+    def mark_down(self, error: str) -> None:
+        """Record a failure seen by a request; the next health check may bring it back."""
+        if self.is_up:
+            log.warning("backend %s is down: %s", self.name, error)
+        self.is_up, self.error = False, error
+
+    def check(self, timeout: float) -> None:
+        """Refresh health, latency and the installed and loaded models."""
+        try:
+            started = time.perf_counter()
+            tags = self._get_json("/api/tags", timeout)
+            self.latency_ms = (time.perf_counter() - started) * 1000
+            ps = self._get_json("/api/ps", timeout)
+        except (requests.RequestException, ValueError) as exc:
+            self.mark_down(str(exc))
+            return
+        self.models = frozenset(_model_names(tags))
+        self.loaded = frozenset(_model_names(ps))
+        if not self.is_up:
+            log.info("backend %s is up again", self.name)
+        self.is_up, self.error = True, None
+
+    def _get_json(self, path: str, timeout: float) -> dict:
+        response = self.session.get(self.url + path, timeout=timeout)
+        response.raise_for_status()
+        return response.json()
+
+
+def _model_names(listing: dict) -> list[str]:
+    return [normalize_model(m.get("model") or m["name"]) for m in listing.get("models", [])]
+
+
+class BackendPool:
+    """All backends and the greenlet that checks their health."""
+
+    def __init__(self, specs: list[str], default_slots: int, interval: float) -> None:
+        self.backends = [Backend(*parse_backend(s, default_slots)) for s in specs]
+        self.interval = interval
+        self._loop: gevent.Greenlet | None = None
+
+    def __iter__(self):
+        return iter(self.backends)
+
+    def start(self, on_change: Callable[[], None]) -> None:
+        """Check every backend now and then every `interval` seconds, in one greenlet."""
+        self._loop = gevent.spawn(self._run, on_change)
+        self._loop.name = "ollamamq-health"
+        self._loop.link_exception(lambda g: log.error("health loop died: %s", g.exception))
+
+    def stop(self) -> None:
+        """Stop checking."""
+        if self._loop is not None:
+            self._loop.kill(block=False)
+
+    def check_all(self) -> None:
+        """Check every backend at once, concurrently."""
+        timeout = min(self.interval, 5.0)
+        gevent.joinall([gevent.spawn(b.check, timeout) for b in self.backends])
+
+    def has_model(self, model: str) -> bool:
+        """Whether any backend may serve `model`."""
+        return any(b.has_model(model) for b in self.backends)
+
+    def first_up(self) -> Backend:
+        """The backend for calls that need no slot: the first healthy one, else the first."""
+        return next((b for b in self.backends if b.is_up), self.backends[0])
+
+    def _run(self, on_change: Callable[[], None]) -> None:
+        while True:
+            self.check_all()
+            on_change()  # health or models changed: waiting requests may now fit
+            gevent.sleep(self.interval)

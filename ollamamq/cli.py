@@ -1,0 +1,152 @@
+"""The `ollamamq` command: serve the proxy with gevent's WSGI server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+import gevent
+from flask import Flask
+from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
+
+from .app import create_app, start_services, stop_services
+from .config import split_urls
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 4096  # thousands of clients may connect at once and wait in the queue
+
+
+def build_parser(version: str) -> argparse.ArgumentParser:
+    """Flags named as in ollamaMQ; each one overrides its environment variable."""
+    p = argparse.ArgumentParser(prog="ollamamq", description="Fair-queueing proxy for Ollama.")
+    p.add_argument("-p", "--port", type=int, dest="PORT", help="port to listen on (PORT, 11435)")
+    p.add_argument("-H", "--host", dest="HOST", help="address to listen on (HOST, 127.0.0.1)")
+    p.add_argument(
+        "-o",
+        "--ollama-url",
+        action="append",
+        dest="OLLAMA_URLS",
+        metavar="URL",
+        help="backend URL; repeat or comma-separate for several; URL#N gives N slots "
+        "(OLLAMA_URL, http://localhost:11434)",
+    )
+    p.add_argument(
+        "-t",
+        "--timeout",
+        type=float,
+        dest="TIMEOUT",
+        help="seconds a backend may stay silent (TIMEOUT, 300)",
+    )
+    p.add_argument(
+        "--backend-parallel",
+        type=int,
+        dest="BACKEND_PARALLEL",
+        metavar="N",
+        help="slots per backend, as OLLAMA_NUM_PARALLEL (BACKEND_PARALLEL, 1)",
+    )
+    p.add_argument(
+        "--max-body",
+        type=int,
+        dest="MAX_CONTENT_LENGTH",
+        metavar="BYTES",
+        help="largest queued request body (MAX_BODY, 64 MiB)",
+    )
+    p.add_argument(
+        "--max-queue-per-user",
+        type=int,
+        dest="MAX_QUEUE_PER_USER",
+        metavar="N",
+        help="waiting requests per user before 429 (MAX_QUEUE_PER_USER, 100)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        dest="MAX_QUEUE",
+        metavar="N",
+        help="waiting requests in all before 503 (MAX_QUEUE, 10000)",
+    )
+    p.add_argument(
+        "--trusted-proxies",
+        type=int,
+        dest="TRUSTED_PROXIES",
+        metavar="N",
+        help="proxy hops trusted to set X-Forwarded-For (TRUSTED_PROXIES, 0)",
+    )
+    p.add_argument(
+        "--health-interval",
+        type=float,
+        dest="HEALTH_INTERVAL",
+        metavar="SECONDS",
+        help="seconds between backend health checks (HEALTH_INTERVAL, 10)",
+    )
+    p.add_argument("--log-file", dest="LOG_FILE", help="log file, '' for none (LOG_FILE)")
+    p.add_argument("--log-level", dest="LOG_LEVEL", help="DEBUG, INFO, WARNING (LOG_LEVEL)")
+    p.add_argument("--no-tui", action="store_true", help="accepted for ollamaMQ compatibility")
+    p.add_argument("-V", "--version", action="version", version=f"ollamamq {version}")
+    return p
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line."""
+    given = {k: v for k, v in vars(args).items() if k.isupper() and v is not None}
+    if "OLLAMA_URLS" in given:
+        given["OLLAMA_URLS"] = split_urls(given["OLLAMA_URLS"])
+    return given
+
+
+def setup_logging(level: str, log_file: str) -> None:
+    """Log to stderr and, unless empty, to `log_file`."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(
+        level=level.upper(),
+        handlers=handlers,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+class Handler(WSGIHandler):
+    """Hands the client socket to the app, which watches it for hang-ups."""
+
+    def get_environ(self) -> dict:
+        environ = super().get_environ()
+        environ["ollamamq.socket"] = self.socket
+        return environ
+
+
+def serve(app: Flask) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    host, port = app.config["HOST"], app.config["PORT"]
+    access = LoggingLogAdapter(logging.getLogger("ollamamq.access"), logging.DEBUG)
+    server = WSGIServer(
+        (host, port),
+        app,
+        handler_class=Handler,
+        backlog=BACKLOG,
+        log=access,
+        error_log=LoggingLogAdapter(log, logging.ERROR),
+    )
+    server.start()
+    start_services(app)
+    log.info("listening on http://%s:%d", host, server.server_port)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, server.stop)
+    server.serve_forever()
+    stop_services(app)
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `ollamamq` and `python -m ollamamq`."""
+    from . import __version__
+
+    args = build_parser(__version__).parse_args(argv)
+    app = create_app(overrides_from(args))
+    setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FILE"])
+    serve(app)

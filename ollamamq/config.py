@@ -1,0 +1,48 @@
+"""Every setting, read from the environment with its default; command-line flags override."""
+
+from __future__ import annotations
+
+import os
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer setting from the environment."""
+    return int(os.environ.get(name, default))
+
+
+def env_float(name: str, default: float) -> float:
+    """A number setting from the environment."""
+    return float(os.environ.get(name, default))
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """A yes/no setting from the environment ("1", "true", "yes", "on" mean yes)."""
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def split_urls(value: str | list[str]) -> list[str]:
+    """Backend URLs from a comma list or repeated flags, without trailing slashes."""
+    parts = value.split(",") if isinstance(value, str) else [p for v in value for p in v.split(",")]
+    return [p.strip().rstrip("/") for p in parts if p.strip()]
+
+
+class Config:
+    """Defaults for the Flask app; `create_app(overrides)` replaces any of them."""
+
+    HOST = os.environ.get("HOST", "127.0.0.1")  # address to listen on
+    PORT = env_int("PORT", 11435)  # port to listen on
+    OLLAMA_URLS = split_urls(os.environ.get("OLLAMA_URL", "http://localhost:11434"))  # backends
+    BACKEND_PARALLEL = env_int("BACKEND_PARALLEL", 1)  # slots per backend (OLLAMA_NUM_PARALLEL)
+    TIMEOUT = env_float("TIMEOUT", 300.0)  # seconds a backend may stay silent
+    CONNECT_TIMEOUT = env_float("CONNECT_TIMEOUT", 5.0)  # seconds to open a backend connection
+    HEALTH_INTERVAL = env_float("HEALTH_INTERVAL", 10.0)  # seconds between backend health checks
+    MAX_CONTENT_LENGTH = env_int("MAX_BODY", 64 * 1024 * 1024)  # largest queued request body
+    MAX_QUEUE_PER_USER = env_int("MAX_QUEUE_PER_USER", 100)  # waiting requests per user
+    MAX_QUEUE = env_int("MAX_QUEUE", 10_000)  # waiting requests in all
+    USER_ID_MAX_LENGTH = 128  # longer X-User-ID values are cut
+    TRUSTED_PROXIES = env_int("TRUSTED_PROXIES", 0)  # proxy hops allowed to set X-Forwarded-For
+    LOG_FILE = os.environ.get("LOG_FILE", "ollamamq.log")  # "" logs to stderr only
+    LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
+    RATELIMIT_STORAGE_URI = os.environ.get("RATELIMIT_STORAGE_URI", "memory://")
+    RATELIMIT_HEADERS_ENABLED = True  # X-RateLimit-* and Retry-After on quota answers

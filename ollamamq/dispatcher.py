@@ -1,0 +1,281 @@
+"""The dispatcher: sole owner of waiting requests, backend slots and served-work counters."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gevent
+from gevent.event import Event
+
+from .backends import Backend, BackendPool, BackendStatus
+from .fairshare import FairQueue, Waiting
+from .metrics import Throughput, UserStats
+
+log = logging.getLogger(__name__)
+
+WAITING, ACTIVE, DONE, CANCELLED = "waiting", "active", "done", "cancelled"
+
+
+class QueueFull(Exception):
+    """No room for another waiting request; `status` is 429 (this user) or 503 (everyone)."""
+
+    def __init__(self, message: str, status: int, retry_after: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class UserBlocked(Exception):
+    """The user is blocked by an operator."""
+
+
+class Ticket:
+    """One request from submit to release.
+
+    Its request greenlet waits on `granted`; the dispatcher sets `backend` and `state`.
+    """
+
+    __slots__ = (
+        "user",
+        "model",
+        "path",
+        "item",
+        "granted",
+        "backend",
+        "state",
+        "enqueued_at",
+        "started_at",
+        "records",
+        "tokens_in",
+        "tokens_out",
+        "failed",
+        "on_abandon",
+    )
+
+    def __init__(self, user: str, model: str | None, path: str, estimate: float) -> None:
+        self.user = user
+        self.model = model
+        self.path = path
+        self.item = Waiting(user, model, estimate, self)
+        self.granted = Event()
+        self.backend: Backend | None = None
+        self.state = WAITING
+        self.enqueued_at = time.monotonic()
+        self.started_at: float | None = None
+        self.records = 0  # streamed records relayed so far: tokens, for display
+        self.tokens_in = 0  # the backend's own counts, once its final record is seen
+        self.tokens_out = 0
+        self.failed = False  # an error status or a broken stream: counted as an error
+        self.on_abandon: Callable[[], None] | None = None
+
+    @property
+    def wait_ms(self) -> float:
+        """Time spent queued."""
+        end = self.started_at if self.started_at is not None else time.monotonic()
+        return (end - self.enqueued_at) * 1000
+
+    def wait(self) -> bool:
+        """Block until granted a slot (True) or cancelled (False)."""
+        self.granted.wait()
+        return self.state == ACTIVE
+
+
+@dataclass(frozen=True)
+class TicketView:
+    """A waiting or active request, for display."""
+
+    user: str
+    model: str | None
+    path: str
+    backend: str | None
+    seconds: float  # waiting so far, or streaming so far
+    records: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the health check and admin show, copied at one instant."""
+
+    backends: tuple[BackendStatus, ...]
+    waiting: tuple[TicketView, ...]
+    active: tuple[TicketView, ...]
+    users: dict[str, UserStats]
+    user_order: tuple[str, ...]
+    served: int
+    errors: int
+    throughput: tuple[tuple[int, int, int], ...]
+
+
+class Dispatcher:
+    """Owns every waiting request and backend slot.
+
+    Request greenlets only call submit(), abandon() and release(); only the dispatcher
+    greenlet grants. No method yields between reading and writing state, so gevent
+    needs no locks here.
+    """
+
+    def __init__(self, pool: BackendPool, queue: FairQueue, max_queue: int, max_per_user: int):
+        self.pool = pool
+        self.queue = queue
+        self.max_queue = max_queue
+        self.max_per_user = max_per_user
+        self.users: dict[str, UserStats] = {}
+        self.throughput = Throughput()
+        self.served = 0
+        self.errors = 0
+        self._active: dict[Ticket, None] = {}
+        self._service_s = 1.0  # moving average of service time, for Retry-After
+        self._wake = Event()
+        self._greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        """Spawn the dispatcher greenlet."""
+        self._greenlet = gevent.spawn(self._run)
+        self._greenlet.name = "ollamamq-dispatcher"
+        self._greenlet.link_exception(lambda g: log.critical("dispatcher died: %s", g.exception))
+
+    def stop(self) -> None:
+        """Stop granting."""
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+
+    def wake(self) -> None:
+        """Ask the dispatcher greenlet to look for grants (a slot or a backend changed)."""
+        self._wake.set()
+
+    def submit(self, user: str, model: str | None, path: str, estimate: float = 0.0) -> Ticket:
+        """Queue a request behind its user's others; raises QueueFull or UserBlocked."""
+        account = self.queue.account(user)
+        if account.is_blocked:
+            raise UserBlocked(f"user {user!r} is blocked")
+        self._check_room(user)
+        ticket = Ticket(user, model, path, estimate)
+        self.queue.push(ticket.item)
+        self._stats(user).last_seen = time.time()
+        self._wake.set()
+        return ticket
+
+    def abandon(self, ticket: Ticket) -> None:
+        """The client went away: drop a waiting ticket, or cut an active one's stream."""
+        if ticket.state == WAITING and self.queue.remove(ticket.item):
+            ticket.state = CANCELLED
+            self._stats(ticket.user).cancelled += 1
+            ticket.granted.set()
+            log.info("user %s left while queued for %s", ticket.user, ticket.path)
+        elif ticket.state == ACTIVE and ticket.on_abandon is not None:
+            ticket.on_abandon()
+
+    def release(self, ticket: Ticket) -> None:
+        """Free the ticket's slot and count its work; safe to call more than once."""
+        if ticket.state != ACTIVE:
+            return
+        ticket.state = DONE
+        assert ticket.backend is not None and ticket.started_at is not None
+        ticket.backend.active -= 1
+        del self._active[ticket]
+        elapsed = time.monotonic() - ticket.started_at
+        self._service_s += 0.2 * (elapsed - self._service_s)
+        self._count(ticket)
+        self.queue.complete(ticket.user, ticket.item.estimate, ticket.tokens_in, ticket.tokens_out)
+        self._wake.set()
+
+    def snapshot(self) -> Snapshot:
+        """A frozen copy of the state for display."""
+        now = time.monotonic()
+        accounts = self.queue.accounts
+        waiting = [item.payload for u in self.queue.order() for item in accounts[u].queue]
+        return Snapshot(
+            backends=tuple(b.status() for b in self.pool),
+            waiting=tuple(_view(t, now - t.enqueued_at) for t in waiting),
+            active=tuple(_view(t, now - (t.started_at or now)) for t in self._active),
+            users={u: _copy_stats(s) for u, s in self.users.items()},
+            user_order=tuple(self.queue.order()),
+            served=self.served,
+            errors=self.errors,
+            throughput=tuple(self.throughput.series(time.time())),
+        )
+
+    @property
+    def waiting_count(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self.queue)
+
+    @property
+    def active_count(self) -> int:
+        """Requests holding a slot."""
+        return len(self._active)
+
+    def _check_room(self, user: str) -> None:
+        slots = max(1, sum(b.slots for b in self.pool))
+        if self.queue.waiting(user) >= self.max_per_user:
+            wait = self._service_s * self.queue.waiting(user) / slots
+            raise QueueFull(
+                f"user {user!r} already has {self.max_per_user} requests waiting",
+                429,
+                max(1, math.ceil(wait)),
+            )
+        if len(self.queue) >= self.max_queue:
+            wait = self._service_s * len(self.queue) / slots
+            raise QueueFull(
+                f"the queue is full ({self.max_queue} requests waiting)",
+                503,
+                max(1, math.ceil(wait)),
+            )
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            self._grant_all()
+
+    def _grant_all(self) -> None:
+        backends = self.pool.backends
+        while len(self.queue):
+            choice = self.queue.grant([b.view() for b in backends])
+            if choice is None:
+                return
+            item, index = choice
+            self._grant(item.payload, backends[index])
+
+    def _grant(self, ticket: Ticket, backend: Backend) -> None:
+        backend.active += 1
+        ticket.backend = backend
+        ticket.state = ACTIVE
+        ticket.started_at = time.monotonic()
+        self._active[ticket] = None
+        self._stats(ticket.user).waits_ms.append(ticket.wait_ms)
+        ticket.granted.set()
+
+    def _count(self, ticket: Ticket) -> None:
+        stats = self._stats(ticket.user)
+        stats.last_seen = time.time()
+        if ticket.failed:
+            stats.errors += 1
+            self.errors += 1
+            return
+        stats.served += 1
+        stats.tokens_in += ticket.tokens_in
+        stats.tokens_out += ticket.tokens_out
+        self.served += 1
+        self.throughput.add(stats.last_seen, 1, ticket.tokens_in + ticket.tokens_out)
+
+    def _stats(self, user: str) -> UserStats:
+        stats = self.users.get(user)
+        if stats is None:
+            stats = self.users[user] = UserStats()
+        return stats
+
+
+def _view(ticket: Ticket, seconds: float) -> TicketView:
+    backend = ticket.backend.name if ticket.backend else None
+    return TicketView(ticket.user, ticket.model, ticket.path, backend, seconds, ticket.records)
+
+
+def _copy_stats(stats: UserStats) -> UserStats:
+    copy = UserStats(**{k: v for k, v in vars(stats).items() if k != "waits_ms"})
+    copy.waits_ms.extend(stats.waits_ms)
+    return copy

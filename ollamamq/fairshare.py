@@ -1,0 +1,190 @@
+"""The pure scheduling policy: which waiting request goes next, and to which backend.
+
+No gevent, no Flask, no I/O: the dispatcher feeds it plain data and acts on its answers.
+Two fairness modes:
+- "requests": round-robin across users with waiting requests, one grant per user per turn
+  (the seed's policy).
+- "tokens": the Virtual Token Counter of Sheng et al., "Fairness in Serving Large Language
+  Models" (OSDI 2024): the backlogged user with the least service received goes next.
+Both keep each user's own requests in FIFO order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+FAIRNESS_MODES = ("tokens", "requests")
+
+
+def normalize_model(name: str) -> str:
+    """Ollama's name matching: case-insensitive, with ":latest" when no tag is given."""
+    name = name.strip().lower()
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+@dataclass(eq=False)
+class Waiting:
+    """A queued request as the policy sees it; `payload` is the dispatcher's own object."""
+
+    user: str
+    model: str | None
+    estimate: float = 0.0  # input tokens guessed before dispatch, charged at grant
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class BackendView:
+    """What the policy needs to know about a backend at one instant."""
+
+    name: str
+    free: int
+    active: int
+    is_up: bool = True
+    models: frozenset[str] | None = None  # None: not known yet, may serve any model
+    loaded: frozenset[str] = frozenset()
+
+    def has_model(self, model: str | None) -> bool:
+        """Whether this backend can serve `model` (any backend serves a request without one)."""
+        return model is None or self.models is None or model in self.models
+
+
+@dataclass
+class UserAccount:
+    """Per-user scheduling state: the FIFO queue and, for "tokens", the service counter."""
+
+    queue: deque[Waiting] = field(default_factory=deque)
+    counter: float = 0.0
+    weight: float = 1.0
+    is_vip: bool = False
+    is_blocked: bool = False
+    last_grant: int = -1  # grant number of this user's latest grant: the round-robin position
+
+
+def pick_backend(backends: Sequence[BackendView], model: str | None, turn: int = 0) -> int | None:
+    """Index of the backend that should take a request for `model`, or None if none can now.
+
+    Healthy backends with the model and a free slot come first; backends that are down
+    are tried only when no healthy one has the model. Among candidates: model already
+    loaded, then fewest active requests, then round-robin by `turn` on ties.
+    """
+    holders = [i for i, b in enumerate(backends) if b.has_model(model)]
+    healthy = [i for i in holders if backends[i].is_up]
+    free = [i for i in (healthy or holders) if backends[i].free > 0]
+    if not free:
+        return None
+
+    def rank(i: int) -> tuple[bool, int]:
+        return model not in backends[i].loaded, backends[i].active
+
+    best = min(rank(i) for i in free)
+    tied = [i for i in free if rank(i) == best]
+    return tied[turn % len(tied)]
+
+
+class FairQueue:
+    """Per-user FIFO queues and the order in which users are served."""
+
+    def __init__(self, fairness: str = "tokens", output_weight: float = 2.0) -> None:
+        if fairness not in FAIRNESS_MODES:
+            raise ValueError(f"fairness must be one of {FAIRNESS_MODES}, not {fairness!r}")
+        self.fairness = fairness
+        self.output_weight = output_weight
+        self.accounts: dict[str, UserAccount] = {}
+        self._backlogged: dict[str, None] = {}  # users with waiting requests, by arrival
+        self._size = 0
+        self._turn = 0  # grants so far
+        self._last_counter = 0.0  # counter of the last user to leave the backlog
+
+    def __len__(self) -> int:
+        return self._size
+
+    def account(self, user: str) -> UserAccount:
+        """The user's account, created on first sight."""
+        acct = self.accounts.get(user)
+        if acct is None:
+            acct = self.accounts[user] = UserAccount()
+        return acct
+
+    def waiting(self, user: str) -> int:
+        """How many requests `user` has waiting."""
+        acct = self.accounts.get(user)
+        return len(acct.queue) if acct else 0
+
+    def push(self, item: Waiting) -> None:
+        """Queue `item` behind its user's other waiting requests."""
+        acct = self.account(item.user)
+        if not acct.queue:
+            self._join_backlog(item.user, acct)
+        acct.queue.append(item)
+        self._size += 1
+
+    def remove(self, item: Waiting) -> bool:
+        """Take a waiting item out (its client left); False if it was not waiting."""
+        acct = self.accounts.get(item.user)
+        if acct is None or item not in acct.queue:
+            return False
+        acct.queue.remove(item)
+        self._size -= 1
+        if not acct.queue:
+            self._leave_backlog(item.user, acct)
+        return True
+
+    def grant(self, backends: Sequence[BackendView]) -> tuple[Waiting, int] | None:
+        """Pop the next request that some backend can take now, with that backend's index."""
+        for user in self._candidates():
+            acct = self.accounts[user]
+            index = pick_backend(backends, acct.queue[0].model, self._turn)
+            if index is not None:
+                return self._pop(user, acct), index
+        return None
+
+    def complete(self, user: str, estimate: float, input_tokens: int, output_tokens: int) -> None:
+        """Replace the estimate charged at grant with the backend's own token counts."""
+        acct = self.accounts.get(user)
+        if acct is not None:
+            cost = input_tokens + self.output_weight * output_tokens - estimate
+            acct.counter += cost / acct.weight
+
+    def service(self, user: str) -> float:
+        """Weighted service counter of `user` (what "tokens" fairness equalizes)."""
+        acct = self.accounts.get(user)
+        return acct.counter if acct else 0.0
+
+    def order(self) -> list[str]:
+        """Backlogged users in the order they would be considered now."""
+        return self._candidates()
+
+    def _candidates(self) -> list[str]:
+        """VIPs first; then least service ("tokens"); then least recently granted."""
+        accounts = self.accounts
+        if self.fairness == "tokens":
+            key = lambda u: (not accounts[u].is_vip, accounts[u].counter, accounts[u].last_grant)  # noqa: E731
+        else:
+            key = lambda u: (not accounts[u].is_vip, accounts[u].last_grant)  # noqa: E731
+        return sorted(self._backlogged, key=key)
+
+    def _pop(self, user: str, acct: UserAccount) -> Waiting:
+        item = acct.queue.popleft()
+        self._size -= 1
+        acct.counter += item.estimate / acct.weight
+        acct.last_grant = self._turn
+        self._turn += 1
+        if not acct.queue:
+            self._leave_backlog(user, acct)
+        return item
+
+    def _join_backlog(self, user: str, acct: UserAccount) -> None:
+        """A user becoming active is lifted so that idle time is not banked (VTC)."""
+        if self._backlogged:
+            floor = min(self.accounts[u].counter for u in self._backlogged)
+        else:
+            floor = self._last_counter
+        acct.counter = max(acct.counter, floor)
+        self._backlogged[user] = None
+
+    def _leave_backlog(self, user: str, acct: UserAccount) -> None:
+        del self._backlogged[user]
+        self._last_counter = acct.counter

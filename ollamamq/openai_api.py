@@ -1,0 +1,39 @@
+"""Ollama's OpenAI-compatible API: completions queued fairly, model listings relayed."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from .relay import serve_direct, serve_queued
+
+bp = Blueprint("openai_api", __name__, url_prefix="/v1")
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    """Chat completions, streamed as server-sent events when asked."""
+    return serve_queued("/v1/chat/completions")
+
+
+@bp.post("/completions")
+def completions() -> Response:
+    """Legacy text completions."""
+    return serve_queued("/v1/completions")
+
+
+@bp.post("/embeddings")
+def embeddings() -> Response:
+    """Embeddings."""
+    return serve_queued("/v1/embeddings")
+
+
+@bp.get("/models")
+def models() -> Response:
+    """The models the backend serves."""
+    return serve_direct("/v1/models")
+
+
+@bp.get("/models/<path:model>")
+def model(model: str) -> Response:
+    """One model (names may hold ':' and '/')."""
+    return serve_direct(f"/v1/models/{model}")

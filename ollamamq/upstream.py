@@ -1,0 +1,124 @@
+"""Opening a streamed request to a backend, relaying its bytes and its headers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from typing import IO
+
+import requests
+import urllib3
+
+from .backends import Backend
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
+READ_SIZE = 64 * 1024
+TAIL_BYTES = 2048  # the backend's token counts are in the last record of every format
+STREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+_COUNT_PATTERNS = (
+    (re.compile(rb'"prompt_eval_count":\s*(\d+)'), re.compile(rb'"eval_count":\s*(\d+)')),
+    (re.compile(rb'"prompt_tokens":\s*(\d+)'), re.compile(rb'"completion_tokens":\s*(\d+)')),
+)
+
+
+def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
+    """Header names a Connection header declares hop-by-hop."""
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+
+
+def request_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The client's end-to-end headers, to send to the backend."""
+    headers = list(headers)
+    drop = NOT_FORWARDED | _connection_tokens(headers)
+    return {name: value for name, value in headers if name.lower() not in drop}
+
+
+def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The backend's end-to-end headers, to send to the client (Content-Length included)."""
+    headers = list(headers)
+    drop = HOP_BY_HOP | _connection_tokens(headers)
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+class SizedStream:
+    """A request body read straight from the client, with the length the client declared.
+
+    requests sends a body with `__len__` with that Content-Length, in pieces, never
+    holding it all in memory.
+    """
+
+    def __init__(self, stream: IO[bytes], length: int) -> None:
+        self._stream = stream
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int = -1) -> bytes:
+        return self._stream.read(size)
+
+
+def open_stream(
+    backend: Backend,
+    method: str,
+    path: str,
+    body: bytes | SizedStream | Iterable[bytes] | None,
+    headers: dict[str, str],
+    timeout: tuple[float, float],
+) -> requests.Response:
+    """Send the request and return once the backend's status and headers have arrived."""
+    return backend.session.request(
+        method,
+        backend.url + path,
+        data=body,
+        headers=headers,
+        stream=True,
+        timeout=timeout,
+        allow_redirects=False,
+    )
+
+
+def iter_body(upstream: requests.Response) -> Iterator[bytes]:
+    """The body exactly as the backend sent it: each chunk as it comes, still encoded."""
+    return upstream.raw.stream(READ_SIZE, decode_content=False)
+
+
+def token_counts(tail: bytes) -> tuple[int, int]:
+    """(input, output) tokens from the end of a response, in Ollama's or OpenAI's words."""
+    for prompt_re, output_re in _COUNT_PATTERNS:
+        prompt, output = prompt_re.findall(tail), output_re.findall(tail)
+        if prompt or output:
+            return int(prompt[-1]) if prompt else 0, int(output[-1]) if output else 0
+    return 0, 0
+
+
+def error_record(message: str, is_sse: bool) -> bytes:
+    """The record that ends a stream which failed after its first byte, as Ollama does."""
+    if is_sse:
+        error = {"message": message, "type": "api_error", "param": None, "code": None}
+        return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+    return json.dumps({"error": message}).encode() + b"\n"

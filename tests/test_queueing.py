@@ -1,0 +1,113 @@
+"""Fair per-user queueing through a served proxy, one backend slot unless said otherwise."""
+
+from __future__ import annotations
+
+import json
+
+import gevent
+import pytest
+import requests
+from gevent.event import Event
+
+from tests.conftest import Calls, wait_arrivals
+from tests.fake_ollama import FakeOllama
+
+
+def chat(url: str, user: str, text: str, stream: bool = False) -> requests.Response:
+    body = {"model": "llama3", "messages": [{"role": "user", "content": text}], "stream": stream}
+    headers = {"X-User-ID": user}
+    return requests.post(f"{url}/api/chat", json=body, headers=headers, stream=stream, timeout=10)
+
+
+def backend_order(fake: FakeOllama) -> list[str]:
+    """The prompts of the chats the backend received, in arrival order."""
+    return [r.json["messages"][0]["content"] for r in fake.received if r.path == "/api/chat"]
+
+
+def queue_behind_gate(fake: FakeOllama, calls: Calls, proxy: str, requests_: list[tuple[str, str]]):
+    """Send requests in this order while the backend is held, so all of them queue."""
+    fake.gate = Event()
+    jobs = []
+    for n, (user, text) in enumerate(requests_, start=1):
+        jobs.append(gevent.spawn(chat, proxy, user, text))
+        calls.wait_for("submit", n)
+    return jobs
+
+
+def test_light_user_is_served_second_and_fourth_not_last(fake, calls, proxy):
+    order = [("a", f"a{i}") for i in range(6)] + [("b", "b0"), ("b", "b1")]
+    jobs = queue_behind_gate(fake, calls, proxy, order)
+    fake.gate.set()
+    gevent.joinall(jobs, raise_error=True)
+    assert all(job.value.status_code == 200 for job in jobs)
+    assert backend_order(fake) == ["a0", "b0", "a1", "b1", "a2", "a3", "a4", "a5"]
+
+
+def test_each_users_requests_keep_their_order(fake, calls, proxy):
+    order = [(u, f"{u}{i}") for i in range(4) for u in ("a", "b", "c")]
+    jobs = queue_behind_gate(fake, calls, proxy, order)
+    fake.gate.set()
+    gevent.joinall(jobs, raise_error=True)
+    seen = backend_order(fake)
+    for user in "abc":
+        assert [t for t in seen if t[0] == user] == [f"{user}{i}" for i in range(4)]
+
+
+def test_backend_never_sees_more_requests_than_slots(fake, calls, proxy):
+    jobs = queue_behind_gate(fake, calls, proxy, [(f"u{i}", str(i)) for i in range(6)])
+    fake.gate.set()
+    gevent.joinall(jobs, raise_error=True)
+    assert fake.max_active == 1
+
+
+@pytest.mark.parametrize("config", [{"BACKEND_PARALLEL": 3}])
+def test_parallel_slots_are_all_used_and_never_exceeded(fake, calls, proxy, app):
+    jobs = queue_behind_gate(fake, calls, proxy, [(f"u{i}", str(i)) for i in range(7)])
+    wait_arrivals(fake, "/api/chat", 3)
+    dispatcher = app.extensions["ollamamq"]
+    assert (dispatcher.active_count, dispatcher.waiting_count) == (3, 4)
+    fake.gate.set()
+    gevent.joinall(jobs, raise_error=True)
+    assert fake.max_active == 3
+
+
+def test_queue_wait_is_reported_in_a_header(fake, calls, proxy):
+    jobs = queue_behind_gate(fake, calls, proxy, [("a", "first"), ("b", "second")])
+    gevent.sleep(0.05)  # a measurable wait for the second request, not a race guard
+    fake.gate.set()
+    gevent.joinall(jobs, raise_error=True)
+    assert float(jobs[1].value.headers["X-Queue-Wait-Ms"]) >= 50
+    assert float(jobs[0].value.headers["X-Queue-Wait-Ms"]) < 50
+
+
+def test_first_chunk_arrives_before_the_backend_has_finished(fake, proxy):
+    fake.tokens, fake.token_delay = 20, 0.05
+    with chat(proxy, "a", "stream please", stream=True) as response:
+        lines = response.iter_lines()
+        first = json.loads(next(lines))
+        assert first["message"]["content"] == "tok0 "
+        assert fake.received[-1].finished is None  # still producing tokens
+        records = [json.loads(line) for line in lines]
+    assert records[-1]["done"] is True and records[-1]["eval_count"] == 20
+
+
+def test_records_are_relayed_unchanged(fake, proxy):
+    body = {"model": "llama3", "prompt": "hello there", "stream": True}
+    direct = requests.post(f"{fake.url}/api/generate", json=body, timeout=10)
+    relayed = requests.post(f"{proxy}/api/generate", json=body, timeout=10)
+    volatile = {
+        "created_at",
+        "total_duration",
+        "load_duration",
+        "prompt_eval_duration",
+        "eval_duration",
+    }
+
+    def stable(response):
+        records = [json.loads(line) for line in response.content.splitlines()]
+        return [{k: v for k, v in r.items() if k not in volatile} for r in records]
+
+    assert (
+        relayed.headers["Content-Type"] == direct.headers["Content-Type"] == "application/x-ndjson"
+    )
+    assert stable(relayed) == stable(direct)

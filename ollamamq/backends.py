@@ -138,9 +138,11 @@ class BackendPool:
         self._loop.link_exception(lambda g: log.error("health loop died: %s", g.exception))
 
     def stop(self) -> None:
-        """Stop checking."""
+        """Stop checking and close every connection."""
         if self._loop is not None:
             self._loop.kill(block=False)
+        for backend in self.backends:
+            backend.session.close()
 
     def check_all(self) -> None:
         """Check every backend at once, concurrently."""

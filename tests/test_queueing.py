@@ -111,3 +111,15 @@ def test_records_are_relayed_unchanged(fake, proxy):
         relayed.headers["Content-Type"] == direct.headers["Content-Type"] == "application/x-ndjson"
     )
     assert stable(relayed) == stable(direct)
+
+
+def test_metadata_calls_never_wait_behind_a_generation(fake, calls, proxy):
+    jobs = queue_behind_gate(fake, calls, proxy, [("a", "held"), ("b", "waiting")])
+    assert requests.get(f"{proxy}/api/tags", timeout=10).status_code == 200
+    assert requests.get(f"{proxy}/v1/models", timeout=10).status_code == 200
+    assert requests.post(f"{proxy}/api/show", json={"model": "llama3"}, timeout=10).ok
+    health = requests.get(f"{proxy}/health", timeout=10).json()
+    assert (health["active"], health["queue_depth"]) == (1, 1)
+    assert health["backends"][0]["up"] and health["backends"][0]["latency_ms"] is not None
+    fake.gate.set()
+    gevent.joinall(jobs, raise_error=True)

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import flask_migrate
 from flask import Flask
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import errors, openai_api, proxy
+from . import downloads, errors, openai_api, proxy
+from .auth import init_auth
 from .backends import BackendPool
 from .config import Config
 from .dispatcher import Dispatcher
+from .extensions import db, limiter, migrate
 from .fairshare import FairQueue
+from .jobs import init_scheduler
+from .pulls import PullService
 
 ROOT = Path(__file__).resolve().parent.parent  # templates/, static/, migrations/ live here
+MIGRATIONS = str(ROOT / "migrations")
 
 
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
@@ -26,7 +35,16 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         hops = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
     errors.register(app)
-    app.extensions["ollamamq"] = _dispatcher(app)
+    db.init_app(app)
+    migrate.init_app(app, db, directory=MIGRATIONS)
+    limiter.init_app(app)
+    init_auth(app)
+    dispatcher = _dispatcher(app)
+    pulls = PullService(app, dispatcher.pool)
+    app.extensions["ollamamq"] = dispatcher
+    app.extensions["ollamamq.pulls"] = pulls
+    app.extensions["ollamamq.scheduler"] = init_scheduler(app, pulls)
+    app.register_blueprint(downloads.bp)
     app.register_blueprint(proxy.bp)
     app.register_blueprint(openai_api.bp)
     return app
@@ -39,15 +57,36 @@ def _dispatcher(app: Flask) -> Dispatcher:
     return Dispatcher(pool, queue, config["MAX_QUEUE"], config["MAX_QUEUE_PER_USER"])
 
 
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    """WAL lets the admin read while a download writes; wait on locks instead of failing."""
+    if isinstance(connection, sqlite3.Connection):
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA busy_timeout=5000")
+
+
 def start_services(app: Flask) -> None:
-    """Start the dispatcher and the health checks (in the serving process, after any fork)."""
+    """Bring the schema up to date, recover downloads, start the dispatcher, checks, schedule.
+
+    Call it in the serving process (after any fork).
+    """
+    with app.app_context():
+        if app.config["APPLY_MIGRATIONS"]:
+            flask_migrate.upgrade(directory=MIGRATIONS)
+        app.extensions["ollamamq.pulls"].recover()
     dispatcher: Dispatcher = app.extensions["ollamamq"]
     dispatcher.start()
     dispatcher.pool.start(on_change=dispatcher.wake)
+    app.extensions["ollamamq.scheduler"].start()
 
 
 def stop_services(app: Flask) -> None:
     """Stop what start_services() started."""
+    scheduler = app.extensions["ollamamq.scheduler"]
+    if scheduler.running:
+        scheduler.shutdown(wait=False)
     dispatcher: Dispatcher = app.extensions["ollamamq"]
     dispatcher.pool.stop()
     dispatcher.stop()
+    with app.app_context():
+        db.engine.dispose()

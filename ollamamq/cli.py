@@ -8,11 +8,12 @@ import signal
 import sys
 from typing import Any
 
+import flask_migrate
 import gevent
 from flask import Flask
 from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
-from .app import create_app, start_services, stop_services
+from .app import MIGRATIONS, create_app, start_services, stop_services
 from .config import split_urls
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ def build_parser(version: str) -> argparse.ArgumentParser:
     p.add_argument("--log-level", dest="LOG_LEVEL", help="DEBUG, INFO, WARNING (LOG_LEVEL)")
     p.add_argument("--no-tui", action="store_true", help="accepted for ollamaMQ compatibility")
     p.add_argument("-V", "--version", action="version", version=f"ollamamq {version}")
+    commands = p.add_subparsers(dest="command", metavar="COMMAND")
+    downloads = commands.add_parser("downloads", help="the download queue, without a browser")
+    downloads.add_argument("action", choices=["list", "process", "remove"])
+    downloads.add_argument("model", nargs="?", help="the model to remove")
     return p
 
 
@@ -146,7 +151,32 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `ollamamq` and `python -m ollamamq`."""
     from . import __version__
 
-    args = build_parser(__version__).parse_args(argv)
+    parser = build_parser(__version__)
+    args = parser.parse_args(argv)
     app = create_app(overrides_from(args))
     setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FILE"])
+    if args.command == "downloads":
+        if args.action == "remove" and not args.model:
+            parser.error("downloads remove needs a MODEL")
+        sys.exit(downloads_command(app, args.action, args.model))
     serve(app)
+
+
+def downloads_command(app: Flask, action: str, model: str | None) -> int:
+    """List, process or remove queued downloads in the database the server uses."""
+    with app.app_context():
+        flask_migrate.upgrade(directory=MIGRATIONS)
+        pulls = app.extensions["ollamamq.pulls"]
+        if action == "remove":
+            removed = pulls.remove_model(model)
+            print(f"removed {model}" if removed else f"no pending download of {model}")
+            return 0 if removed else 1
+        if action == "process":
+            pulls.process()
+            pulls.wait()
+        for job in pulls.jobs():
+            print(
+                f"{job.id:>5}  {job.status:<12} {job.percent:5.1f}%  {job.model}"
+                f"{'  ' + job.last_error if job.last_error else ''}"
+            )
+        return 0

@@ -45,4 +45,25 @@ class Config:
     LOG_FILE = os.environ.get("LOG_FILE", "ollamamq.log")  # "" logs to stderr only
     LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
     RATELIMIT_STORAGE_URI = os.environ.get("RATELIMIT_STORAGE_URI", "memory://")
-    RATELIMIT_HEADERS_ENABLED = True  # X-RateLimit-* and Retry-After on quota answers
+    RATELIMIT_HEADERS_ENABLED = True  # X-RateLimit-* and Retry-After on limited answers
+
+    # The download queue (ohhhllama's names where it has them).
+    SQLALCHEMY_DATABASE_URI = os.environ.get(
+        "DATABASE_URL", "sqlite:///" + os.path.abspath(os.environ.get("DB_PATH", "ollamamq.db"))
+    )
+    RATE_LIMIT = env_int("RATE_LIMIT", 5)  # new download jobs per client address per day
+    QUEUE_SCHEDULE = os.environ.get("QUEUE_SCHEDULE", "0 3 * * *")  # cron: when downloads run
+    QUEUE_TIMEZONE = os.environ.get("QUEUE_TIMEZONE") or None  # None: the server's local zone
+    QUEUE_WINDOW_MINUTES = env_int("QUEUE_WINDOW_MINUTES", 0)  # 0: no closing time
+    DOWNLOAD_CONCURRENCY = env_int("DOWNLOAD_CONCURRENCY", 1)  # pulls running at once
+    PULL_ATTEMPTS = env_int("PULL_ATTEMPTS", 3)  # tries before a job is marked failed
+    PULL_RETRY_DELAY = env_float("PULL_RETRY_DELAY", 30.0)  # seconds, doubled each retry
+    CLEANUP_DAYS = env_int("CLEANUP_DAYS", 30)  # finished jobs are kept this long
+    SHOW_QUEUED_IN_TAGS = env_bool("SHOW_QUEUED_IN_TAGS", False)  # list queued models in tags
+    DISK_PATH = os.environ.get("DISK_PATH", "")  # models disk to guard; "" for no guard
+    DISK_THRESHOLD = env_float("DISK_THRESHOLD", 90.0)  # percent used above which pulls get 507
+    APPLY_MIGRATIONS = True  # bring the database schema up to date when the server starts
+
+    # The admin.
+    ADMIN_PASSWORD = os.environ.get("OLLAMAMQ_ADMIN_PASSWORD", "")  # "" : loopback only
+    SECRET_KEY = os.environ.get("SECRET_KEY") or os.urandom(32).hex()  # signs admin sessions

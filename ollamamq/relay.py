@@ -124,16 +124,23 @@ def serve_queued(path: str) -> Response:
     return response
 
 
-def serve_direct(path: str) -> Response:
-    """Relay a call that needs no slot (metadata, uploads, model management) both ways."""
-    length = request.content_length
+def serve_direct(path: str, body: bytes | None = None) -> Response:
+    """Relay a call that needs no slot (metadata, uploads, model management) both ways.
+
+    The request body is streamed from the client unless the caller has already read it.
+    """
+    sent = body if body is not None else _streamed_body()
+    return _open(dispatcher().pool.first_up(), path, sent, None, dispatcher())
+
+
+def _streamed_body() -> SizedStream | Iterator[bytes] | None:
+    """The client's body, read as it is sent; chunked bodies are forwarded chunked."""
     request.max_content_length = None  # blobs are gigabytes; they are streamed, not held
-    body: SizedStream | Iterator[bytes] | None = None
-    if length is not None:
-        body = SizedStream(request.stream, length)
-    elif request.headers.get("Transfer-Encoding", "").lower() == "chunked":
-        body = iter(partial(request.stream.read, READ_SIZE), b"")
-    return _open(dispatcher().pool.first_up(), path, body, None, dispatcher())
+    if request.content_length is not None:
+        return SizedStream(request.stream, request.content_length)
+    if request.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        return iter(partial(request.stream.read, READ_SIZE), b"")
+    return None
 
 
 def _open(backend: Backend, path: str, body, ticket: Ticket | None, queue: Dispatcher) -> Response:

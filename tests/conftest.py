@@ -32,6 +32,7 @@ def settings(backend_urls: list[str], **overrides) -> dict:
         "HEALTH_INTERVAL": 3600,
         "TIMEOUT": 10,
         "RATELIMIT_STORAGE_URI": "memory://",
+        "SQLALCHEMY_DATABASE_URI": "sqlite://",  # in memory, one per app
         **overrides,
     }
 
@@ -63,8 +64,9 @@ def config() -> dict:
 
 
 @pytest.fixture
-def app(fake: FakeOllama, config: dict) -> Flask:
-    return create_app(settings([fake.url], **config))
+def app(fake: FakeOllama, config: dict, tmp_path) -> Flask:
+    database = f"sqlite:///{tmp_path / 'ollamamq.db'}"
+    return create_app(settings([fake.url], SQLALCHEMY_DATABASE_URI=database, **config))
 
 
 @pytest.fixture

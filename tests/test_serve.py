@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(command: list[str], ready: str, env: dict[str, str]) -> Iterator[None]:
+def running(command: list[str], ready: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
     """Run `command` until the test ends; return once stderr shows `ready`."""
     process = subprocess.Popen(
         command, cwd=ROOT, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
@@ -36,11 +36,17 @@ def running(command: list[str], ready: str, env: dict[str, str]) -> Iterator[Non
             for line in process.stderr:
                 if ready in line:
                     break
-        yield
+        yield process
     finally:
-        process.send_signal(signal.SIGTERM)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
         process.stderr.close()
+
+
+def ollamamq(port: int, fake_url: str, *args: str) -> list[str]:
+    """The command line that serves the proxy on `port` in front of `fake_url`."""
+    return [str(BIN / "ollamamq"), "-p", str(port), "-o", fake_url, "--log-file", "", *args]
 
 
 def stream_chat(url: str) -> list[dict]:
@@ -63,7 +69,7 @@ def test_ollamamq_command_serves_a_stream(fake, tmp_path):
         "--log-file",
         str(tmp_path / "ollamamq.log"),
     ]
-    with running(command, "listening on", {}):
+    with running(command, "listening on", {"DB_PATH": str(tmp_path / "q.db")}):
         records = stream_chat(f"http://127.0.0.1:{port}")
     assert records[-1]["done"] is True and len(records) == 9
     assert "listening on" in (tmp_path / "ollamamq.log").read_text()
@@ -81,7 +87,7 @@ def test_gunicorn_gevent_worker_serves_a_stream(fake, tmp_path):
         f"127.0.0.1:{port}",
         "wsgi:app",
     ]
-    env = {"OLLAMA_URL": fake.url, "LOG_FILE": ""}
+    env = {"OLLAMA_URL": fake.url, "LOG_FILE": "", "DB_PATH": str(tmp_path / "q.db")}
     with running(command, "Listening at", env):  # the socket is bound: requests wait for the worker
         records = stream_chat(f"http://127.0.0.1:{port}")
     assert records[-1]["done"] is True and len(records) == 9

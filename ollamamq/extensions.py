@@ -1,0 +1,23 @@
+"""Flask extensions, created unbound and bound to each app by the factory."""
+
+from __future__ import annotations
+
+from flask import request
+from flask_limiter import Limiter
+from flask_migrate import Migrate
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import DeclarativeBase
+
+
+class Base(DeclarativeBase):
+    """Typed declarative base for the models."""
+
+
+def client_address() -> str:
+    """The client's address (behind --trusted-proxies hops, as ProxyFix resolved it)."""
+    return request.remote_addr or "unknown"
+
+
+db = SQLAlchemy(model_class=Base)
+migrate = Migrate()
+limiter = Limiter(client_address)  # storage comes from RATELIMIT_STORAGE_URI per app

@@ -1,0 +1,60 @@
+"""Persistent state: the download queue."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Index, String, Text, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .extensions import db
+
+PENDING, DOWNLOADING, COMPLETED, FAILED, CANCELLED = (
+    "pending",
+    "downloading",
+    "completed",
+    "failed",
+    "cancelled",
+)
+ACTIVE_STATUSES = (PENDING, DOWNLOADING)
+STATUSES = (PENDING, DOWNLOADING, COMPLETED, FAILED, CANCELLED)
+
+
+def utcnow() -> datetime:
+    """Now, in UTC, without tzinfo (how every timestamp is stored)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class PullJob(db.Model):
+    """One requested model download."""
+
+    __tablename__ = "pull_jobs"
+    __table_args__ = (  # at most one pending or downloading job per model: deduplication
+        Index(
+            "uq_pull_jobs_active_model",
+            "model",
+            unique=True,
+            sqlite_where=text("status IN ('pending', 'downloading')"),
+            postgresql_where=text("status IN ('pending', 'downloading')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(300), index=True)  # normalized name
+    status: Mapped[str] = mapped_column(String(20), index=True, default=PENDING)
+    requested_by: Mapped[str] = mapped_column(String(100))  # client address
+    user: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    completed_bytes: Mapped[int] = mapped_column(default=0)
+    total_bytes: Mapped[int] = mapped_column(default=0)
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def percent(self) -> float:
+        """Bytes downloaded, in percent (100 when completed)."""
+        if self.status == COMPLETED:
+            return 100.0
+        return 100.0 * self.completed_bytes / self.total_bytes if self.total_bytes else 0.0

@@ -1,0 +1,386 @@
+"""The download queue: model pulls kept in the database and run off-peak, or when told to."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+
+import gevent
+import requests
+from flask import Flask
+from gevent.pool import Pool
+from gevent.queue import Queue
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .backends import Backend, BackendPool
+from .extensions import db
+from .fairshare import normalize_model
+from .models import (
+    ACTIVE_STATUSES,
+    CANCELLED,
+    COMPLETED,
+    DOWNLOADING,
+    FAILED,
+    PENDING,
+    PullJob,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+SAVE_EVERY_S = 1.0  # progress is written to the database at most this often per job
+HISTORY = 50  # finished jobs listed by default
+_END = object()  # closes a watcher's stream
+
+
+class PullFailed(Exception):
+    """A backend pull ended with an error, or its connection broke."""
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A download job as the API, the admin and the command line show it."""
+
+    id: int
+    model: str
+    status: str
+    requested_by: str
+    user: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    completed_bytes: int
+    total_bytes: int
+    attempts: int
+    last_error: str | None
+    percent: float
+    position: int | None = None  # 1-based place among pending jobs
+
+    @classmethod
+    def of(cls, job: PullJob, position: int | None = None) -> JobView:
+        values = {f.name: getattr(job, f.name) for f in fields(cls) if f.name != "position"}
+        return cls(**values, position=position)
+
+    def as_dict(self) -> dict:
+        """JSON-ready, with ISO 8601 UTC times."""
+        return {
+            f.name: _iso(v) if isinstance(v, datetime) else v
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds") + "Z"
+
+
+class PullService:
+    """Owns the download workers; jobs live in the database, live progress in memory too.
+
+    Greenlets of one process share it; a job is claimed by a conditional UPDATE, so a
+    second process (the command line) never runs the same job.
+    """
+
+    def __init__(self, app: Flask, pool: BackendPool) -> None:
+        self.app = app
+        self.pool = pool
+        self.next_run: Callable[[], datetime | None] = lambda: None  # set by the scheduler
+        self.window_ends: datetime | None = None  # while a scheduled window is open
+        self._wanted: set[int] | None = set()  # None: every pending job
+        self._until: datetime | None = None
+        self._runner: gevent.Greenlet | None = None
+        self._watchers: dict[int, list[Queue]] = {}
+        self._abort: dict[int, Callable[[], None]] = {}
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def pending(self) -> list[JobView]:
+        """Pending jobs in the order they will run."""
+        jobs = db.session.scalars(
+            select(PullJob).where(PullJob.status == PENDING).order_by(PullJob.id)
+        )
+        return [JobView.of(job, n) for n, job in enumerate(jobs, start=1)]
+
+    def jobs(self, history: int = HISTORY) -> list[JobView]:
+        """Downloading, then pending in order, then the most recent finished jobs."""
+        running = db.session.scalars(select(PullJob).where(PullJob.status == DOWNLOADING))
+        finished = db.session.scalars(
+            select(PullJob)
+            .where(PullJob.status.not_in(ACTIVE_STATUSES))
+            .order_by(PullJob.id.desc())
+            .limit(history)
+        )
+        return [JobView.of(j) for j in running] + self.pending() + [JobView.of(j) for j in finished]
+
+    def get(self, job_id: int) -> JobView | None:
+        """One job, or None."""
+        job = db.session.get(PullJob, job_id)
+        return None if job is None else self._view_with_position(job)
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by status."""
+        rows = db.session.execute(select(PullJob.status, func.count()).group_by(PullJob.status))
+        return {status: count for status, count in rows}
+
+    def active_job(self, model: str) -> JobView | None:
+        """The pending or downloading job for `model`, if any."""
+        job = db.session.scalar(
+            select(PullJob).where(
+                PullJob.model == normalize_model(model), PullJob.status.in_(ACTIVE_STATUSES)
+            )
+        )
+        return None if job is None else self._view_with_position(job)
+
+    def is_installed(self, model: str) -> bool:
+        """Whether every reachable backend has `model` (asked now, not from the last check)."""
+        self.pool.check_all()
+        up = [b for b in self.pool if b.is_up]
+        return bool(up) and all(normalize_model(model) in (b.models or ()) for b in up)
+
+    def is_window_open(self) -> bool:
+        """Whether a scheduled download window is open now: new pulls start at once."""
+        return self.window_ends is not None and utcnow() < self.window_ends
+
+    # -- changing --------------------------------------------------------------------------
+
+    def enqueue(self, model: str, requested_by: str, user: str | None) -> tuple[JobView, bool]:
+        """A new pending job for `model`, or the active one already there (and False)."""
+        job = PullJob(
+            model=normalize_model(model), status=PENDING, requested_by=requested_by, user=user
+        )
+        db.session.add(job)
+        try:
+            db.session.commit()
+        except IntegrityError:  # the unique index on active jobs: someone queued it first
+            db.session.rollback()
+            existing = self.active_job(model)
+            if existing is None:
+                raise
+            return existing, False
+        log.info("queued download of %s for %s (job %d)", job.model, requested_by, job.id)
+        return self._view_with_position(job), True
+
+    def remove_model(self, model: str) -> bool:
+        """Drop the pending job for `model`; False if there is none."""
+        job = self.active_job(model)
+        return job is not None and job.status == PENDING and self.remove(job.id)
+
+    def remove(self, job_id: int) -> bool:
+        """Delete a job that is not downloading."""
+        job = db.session.get(PullJob, job_id)
+        if job is None or job.status == DOWNLOADING:
+            return False
+        db.session.delete(job)
+        db.session.commit()
+        return True
+
+    def cancel(self, job_id: int) -> bool:
+        """Stop a pending or downloading job; it stays in the history as cancelled."""
+        changed = db.session.execute(
+            update(PullJob)
+            .where(PullJob.id == job_id, PullJob.status.in_(ACTIVE_STATUSES))
+            .values(status=CANCELLED, finished_at=utcnow())
+        ).rowcount
+        db.session.commit()
+        if changed and job_id in self._abort:
+            self._abort[job_id]()  # breaks the backend stream; the worker sees "cancelled"
+        return bool(changed)
+
+    def retry(self, job_id: int) -> bool:
+        """Put a failed or cancelled job back in the queue, with fresh attempts."""
+        job = db.session.get(PullJob, job_id)
+        if job is None or job.status not in (FAILED, CANCELLED) or self.active_job(job.model):
+            return False
+        job.status, job.attempts, job.last_error, job.finished_at = PENDING, 0, None, None
+        db.session.commit()
+        return True
+
+    def recover(self) -> int:
+        """After a crash or restart, jobs left downloading wait again (Ollama resumes pulls)."""
+        changed = db.session.execute(
+            update(PullJob).where(PullJob.status == DOWNLOADING).values(status=PENDING)
+        ).rowcount
+        db.session.commit()
+        if changed:
+            log.info("%d interrupted downloads are pending again", changed)
+        return changed
+
+    def cleanup(self, days: int) -> int:
+        """Delete finished jobs older than `days`."""
+        cutoff = utcnow() - timedelta(days=days)
+        gone = db.session.execute(
+            PullJob.__table__.delete().where(
+                PullJob.status.not_in(ACTIVE_STATUSES), PullJob.created_at < cutoff
+            )
+        ).rowcount
+        db.session.commit()
+        return gone
+
+    # -- running ---------------------------------------------------------------------------
+
+    def process(self, ids: list[int] | None = None, until: datetime | None = None) -> None:
+        """Start downloading now: every pending job, or those in `ids`; none after `until`."""
+        if ids is None:
+            self._wanted = None
+        elif self._wanted is not None:
+            self._wanted |= set(ids)
+        self._until = until
+        if self._runner is None or self._runner.dead:
+            self._runner = gevent.spawn(self._run)
+            self._runner.name = "ollamamq-downloads"
+            self._runner.link_exception(lambda g: log.error("downloads died: %s", g.exception))
+
+    def open_window(self, minutes: int) -> None:
+        """A scheduled run: process every pending job, and start new pulls at once meanwhile."""
+        self.window_ends = utcnow() + timedelta(minutes=minutes) if minutes else None
+        self.process(until=self.window_ends)
+
+    @property
+    def is_running(self) -> bool:
+        """Whether downloads are being processed now."""
+        return self._runner is not None and not self._runner.dead
+
+    def wait(self) -> None:
+        """Block until the current processing run ends (for the command line and tests)."""
+        if self._runner is not None:
+            self._runner.join()
+
+    def watch(self, job_id: int) -> Iterator[bytes]:
+        """NDJSON progress of a running job, as Ollama's pull stream, until it ends."""
+        inbox: Queue = Queue()
+        self._watchers.setdefault(job_id, []).append(inbox)
+        try:
+            for record in inbox:
+                if record is _END:
+                    return
+                yield json.dumps(record).encode() + b"\n"
+        finally:
+            self._watchers[job_id].remove(inbox)
+            if not self._watchers[job_id]:
+                del self._watchers[job_id]
+
+    def _run(self) -> None:
+        workers = Pool(self.app.config["DOWNLOAD_CONCURRENCY"])
+        with self.app.app_context():
+            while (job_id := self._claim_next()) is not None:
+                workers.spawn(self._download, job_id).name = f"ollamamq-pull-{job_id}"
+                workers.wait_available()
+            workers.join()
+        self._wanted, self._until = set(), None
+
+    def _claim_next(self) -> int | None:
+        """Mark the next wanted pending job downloading and return its id."""
+        if self._until is not None and utcnow() >= self._until:
+            return None  # the window has closed: the rest waits for the next one
+        query = select(PullJob.id).where(PullJob.status == PENDING).order_by(PullJob.id)
+        if self._wanted is not None:
+            query = query.where(PullJob.id.in_(self._wanted))
+        for job_id in db.session.scalars(query).all():
+            claimed = db.session.execute(
+                update(PullJob)
+                .where(PullJob.id == job_id, PullJob.status == PENDING)
+                .values(status=DOWNLOADING, started_at=utcnow(), last_error=None)
+            ).rowcount
+            db.session.commit()
+            if claimed:
+                return job_id
+        return None
+
+    def _download(self, job_id: int) -> None:
+        with self.app.app_context():
+            job = db.session.get(PullJob, job_id)
+            attempts = self.app.config["PULL_ATTEMPTS"]
+            delay = self.app.config["PULL_RETRY_DELAY"]
+            while job.status == DOWNLOADING:
+                job.attempts += 1
+                db.session.commit()
+                try:
+                    self._pull_everywhere(job)
+                except PullFailed as exc:
+                    db.session.refresh(job)
+                    self._failed_attempt(job, str(exc), is_last=job.attempts >= attempts)
+                    if job.status == DOWNLOADING:
+                        gevent.sleep(delay * 2 ** (job.attempts - 1))
+                    continue
+                job.status, job.finished_at = COMPLETED, utcnow()
+                db.session.commit()
+                log.info("downloaded %s (job %d)", job.model, job.id)
+            self._publish(
+                job.id,
+                {"status": "success"}
+                if job.status == COMPLETED
+                else {"error": job.last_error or f"download {job.status}"},
+            )
+            self._publish(job.id, _END)
+            self.pool.check_all()  # the new model is now routable
+
+    def _failed_attempt(self, job: PullJob, error: str, is_last: bool) -> None:
+        if job.status == CANCELLED:
+            log.info("download of %s cancelled (job %d)", job.model, job.id)
+            return
+        job.last_error = error
+        if is_last:
+            job.status, job.finished_at = FAILED, utcnow()
+            log.warning("download of %s failed for good (job %d): %s", job.model, job.id, error)
+        else:
+            log.warning("download of %s failed, will retry (job %d): %s", job.model, job.id, error)
+        db.session.commit()
+
+    def _pull_everywhere(self, job: PullJob) -> None:
+        """Pull on every backend that lacks the model (all of them if none is known)."""
+        lacking = [b for b in self.pool if job.model not in (b.models or ())]
+        for backend in lacking or self.pool.backends:
+            self._pull(backend, job)
+
+    def _pull(self, backend: Backend, job: PullJob) -> None:
+        timeout = (self.app.config["CONNECT_TIMEOUT"], self.app.config["TIMEOUT"])
+        url = backend.url + "/api/pull"
+        layers: dict[str, tuple[int, int]] = {}
+        saved = 0.0
+        try:
+            with backend.session.post(
+                url, json={"model": job.model, "stream": True}, stream=True, timeout=timeout
+            ) as response:
+                self._abort[job.id] = response.close
+                for line in response.iter_lines():
+                    record = json.loads(line) if line.strip() else {}
+                    if "error" in record:
+                        raise PullFailed(f"{backend.name}: {record['error']}")
+                    self._progress(job, record, layers)
+                    if time.monotonic() - saved >= SAVE_EVERY_S:
+                        db.session.commit()
+                        saved = time.monotonic()
+                    if record.get("status") == "success":
+                        return
+                response.raise_for_status()
+        except (requests.RequestException, OSError, ValueError) as exc:
+            raise PullFailed(f"{backend.name}: {exc}") from exc
+        finally:
+            self._abort.pop(job.id, None)
+            db.session.commit()
+        raise PullFailed(f"{backend.name}: the pull stream ended before success")
+
+    def _progress(self, job: PullJob, record: dict, layers: dict[str, tuple[int, int]]) -> None:
+        if "digest" in record and "total" in record:
+            layers[record["digest"]] = (record.get("completed", 0), record["total"])
+            job.completed_bytes = sum(c for c, _ in layers.values())
+            job.total_bytes = sum(t for _, t in layers.values())
+        if record.get("status") != "success":
+            self._publish(job.id, record)
+
+    def _publish(self, job_id: int, record: object) -> None:
+        for inbox in self._watchers.get(job_id, ()):
+            inbox.put(record)
+
+    def _view_with_position(self, job: PullJob) -> JobView:
+        if job.status != PENDING:
+            return JobView.of(job)
+        ahead = db.session.scalar(
+            select(func.count()).where(PullJob.status == PENDING, PullJob.id < job.id)
+        )
+        return JobView.of(job, ahead + 1)

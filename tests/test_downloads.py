@@ -1,0 +1,217 @@
+"""The download queue: pulls are queued, deduplicated, limited, and processed when told to."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import apscheduler.schedulers.base
+import httpx
+import ollama
+import pytest
+import requests
+from gevent.event import Event
+
+from ollamamq.jobs import DOWNLOADS_JOB
+
+
+def pull(url: str, model: str, stream: bool = False, **kwargs) -> requests.Response:
+    return requests.post(
+        f"{url}/api/pull", json={"model": model, "stream": stream}, timeout=10, **kwargs
+    )
+
+
+def pulls_seen(fake) -> list[str]:
+    return [r.json["model"] for r in fake.received if r.path == "/api/pull"]
+
+
+def process_now(url: str, app, **body) -> requests.Response:
+    response = requests.post(f"{url}/api/queue/process", json=body, timeout=10)
+    app.extensions["ollamamq.pulls"].wait()
+    return response
+
+
+def test_pull_is_queued_in_ollamas_format_and_nothing_is_downloaded(proxy, fake):
+    client = ollama.Client(host=proxy)
+    assert [r.status for r in client.pull("mistral:7b", stream=True)] == ["queued"]
+    assert client.pull("phi3").status == "queued"
+    again = pull(proxy, "phi3").json()
+    assert again["position"] == 2 and again["scheduled_for"].endswith("Z")
+    assert pulls_seen(fake) == []
+    queue = requests.get(f"{proxy}/api/queue", timeout=10).json()
+    assert [j["model"] for j in queue["queue"]] == ["mistral:7b", "phi3:latest"]
+    assert queue["counts"] == {"pending": 2}
+    client._client.close()
+
+
+def test_installed_model_answers_success_and_queues_nothing(proxy):
+    assert pull(proxy, "LLAMA3").json() == {"status": "success"}
+    streamed = pull(proxy, "llama3", stream=True)
+    assert streamed.headers["Content-Type"] == "application/x-ndjson"
+    assert json.loads(streamed.text) == {"status": "success"}
+    assert requests.get(f"{proxy}/api/queue", timeout=10).json()["queue"] == []
+
+
+@pytest.mark.parametrize("config", [{"RATE_LIMIT": 1}])
+def test_duplicate_pull_returns_the_same_job_and_costs_no_quota(proxy):
+    first = pull(proxy, "mistral").json()
+    again = pull(proxy, "Mistral:latest")
+    assert again.status_code == 200 and again.json()["job"] == first["job"]
+    assert "already in" in again.json()["message"]
+    assert pull(proxy, "phi3").status_code == 429
+
+
+@pytest.mark.parametrize("config", [{"RATE_LIMIT": 5}])
+def test_sixth_new_model_from_one_address_is_refused_but_not_others(proxy):
+    for n in range(5):
+        assert pull(proxy, f"model-{n}").json()["status"] == "queued"
+    refused = pull(proxy, "model-5")
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
+    assert "5 new models per day" in refused.json()["error"]
+    other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+    with other:
+        answer = other.post(f"{proxy}/api/pull", json={"model": "model-5", "stream": False})
+    assert answer.status_code == 200 and answer.json()["status"] == "queued"
+
+
+@pytest.mark.parametrize("config", [{"RATE_LIMIT": 1}])
+def test_forged_forwarded_for_does_not_reset_the_quota(proxy):
+    assert pull(proxy, "a").status_code == 200
+    forged = pull(proxy, "b", headers={"X-Forwarded-For": "10.9.9.9"})
+    assert forged.status_code == 429
+
+
+@pytest.mark.parametrize("config", [{"RATE_LIMIT": 1, "TRUSTED_PROXIES": 1}])
+def test_forwarded_for_counts_when_the_proxy_hop_is_trusted(proxy):
+    assert pull(proxy, "a", headers={"X-Forwarded-For": "10.0.0.1"}).status_code == 200
+    assert pull(proxy, "b", headers={"X-Forwarded-For": "10.0.0.1"}).status_code == 429
+    assert pull(proxy, "b", headers={"X-Forwarded-For": "10.0.0.2"}).status_code == 200
+
+
+def test_processing_now_downloads_and_the_model_is_then_listed(proxy, app, fake):
+    job = pull(proxy, "mistral").json()["job"]
+    assert process_now(proxy, app).status_code == 202
+    assert pulls_seen(fake) == ["mistral:latest"]
+    finished = requests.get(f"{proxy}/api/queue", timeout=10).json()["history"][0]
+    assert (finished["id"], finished["status"], finished["percent"]) == (job, "completed", 100.0)
+    assert finished["total_bytes"] > 0 and finished["completed_bytes"] == finished["total_bytes"]
+    names = {m["model"] for m in requests.get(f"{proxy}/api/tags", timeout=10).json()["models"]}
+    assert "mistral:latest" in names
+    chat = {"model": "mistral", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    assert requests.post(f"{proxy}/api/chat", json=chat, timeout=10).status_code == 200
+
+
+def test_processing_one_job_leaves_the_others_waiting(proxy, app, fake):
+    first = pull(proxy, "mistral").json()["job"]
+    pull(proxy, "phi3")
+    process_now(proxy, app, id=first)
+    assert pulls_seen(fake) == ["mistral:latest"]
+    assert [j["model"] for j in requests.get(f"{proxy}/api/queue").json()["queue"]] == [
+        "phi3:latest"
+    ]
+
+
+@pytest.mark.parametrize("config", [{"PULL_ATTEMPTS": 3, "PULL_RETRY_DELAY": 0}])
+def test_failing_pull_is_retried_then_marked_failed_with_its_error(proxy, app, fake):
+    fake.fail_pulls = 3
+    pull(proxy, "mistral")
+    process_now(proxy, app)
+    assert pulls_seen(fake) == ["mistral:latest"] * 3
+    failed = requests.get(f"{proxy}/api/queue", timeout=10).json()["history"][0]
+    assert (failed["status"], failed["attempts"]) == ("failed", 3)
+    assert "connection reset" in failed["last_error"]
+
+
+@pytest.mark.parametrize("config", [{"PULL_ATTEMPTS": 3, "PULL_RETRY_DELAY": 0}])
+def test_a_retry_that_succeeds_completes_the_job(proxy, app, fake):
+    fake.fail_pulls = 1
+    pull(proxy, "mistral")
+    process_now(proxy, app)
+    done = requests.get(f"{proxy}/api/queue", timeout=10).json()["history"][0]
+    assert (done["status"], done["attempts"]) == ("completed", 2)
+    assert "connection reset" in done["last_error"]  # kept: why the first attempt failed
+
+
+def test_removing_a_queued_model(proxy):
+    pull(proxy, "mistral")
+    pull(proxy, "phi3")
+    assert requests.delete(f"{proxy}/api/queue", json={"model": "mistral"}).status_code == 200
+    assert requests.delete(f"{proxy}/api/queue", json={"model": "mistral"}).status_code == 404
+    client = ollama.Client(host=proxy)
+    assert client.delete("phi3").status == "success"  # only queued: taken off the queue
+    assert requests.get(f"{proxy}/api/queue", timeout=10).json()["queue"] == []
+    assert client.delete("llama3").status == "success"  # installed: Ollama deletes it
+    client._client.close()
+
+
+@pytest.mark.parametrize("config", [{"SHOW_QUEUED_IN_TAGS": True}])
+def test_queued_models_can_be_listed_in_tags(proxy):
+    pull(proxy, "mistral")
+    models = requests.get(f"{proxy}/api/tags", timeout=10).json()["models"]
+    queued = [m for m in models if m.get("status") == "queued"]
+    assert [m["model"] for m in queued] == ["mistral:latest"]
+    assert len(models) == 4
+
+
+def test_full_disk_refuses_new_downloads_with_507(proxy, app, tmp_path):
+    app.config.update(DISK_PATH=str(tmp_path), DISK_THRESHOLD=0)
+    refused = pull(proxy, "mistral")
+    assert refused.status_code == 507 and "disk" in refused.json()["error"]
+    health = requests.get(f"{proxy}/health", timeout=10).json()
+    assert health["disk"]["accepting_downloads"] is False
+    assert health["database"] == "ok" and health["scheduler"]["running"] is True
+
+
+def test_inside_the_window_a_pull_streams_real_progress(proxy, app, fake):
+    app.extensions["ollamamq.pulls"].open_window(minutes=60)
+    records = [json.loads(line) for line in pull(proxy, "mistral", stream=True).iter_lines()]
+    assert records[0]["status"] == "pulling manifest"
+    assert any(r.get("completed") == r.get("total") for r in records if "total" in r)
+    assert records[-1] == {"status": "success"}
+    assert pull(proxy, "phi3").json() == {"status": "success"}
+
+
+def test_processing_needs_the_admin_password_when_one_is_set(fake, tmp_path):
+    from ollamamq import create_app
+    from tests.conftest import served, settings
+
+    app = create_app(settings([fake.url], ADMIN_PASSWORD="s3cret"))
+    with served(app) as url:
+        assert requests.post(f"{url}/api/queue/process", timeout=10).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert requests.post(f"{url}/api/queue/process", headers=wrong).status_code == 401
+        right = {"Authorization": "Bearer s3cret"}
+        assert requests.post(f"{url}/api/queue/process", headers=right).status_code == 202
+
+
+@pytest.mark.parametrize("config", [{"QUEUE_TIMEZONE": "UTC", "QUEUE_WINDOW_MINUTES": 90}])
+def test_schedule_fires_at_the_cron_time(app, monkeypatch):
+    """A fake clock walks the real scheduler past 03:00; the window opens then, not before."""
+    opened = Event()
+    monkeypatch.setattr(app.extensions["ollamamq.pulls"], "open_window", lambda _: opened.set())
+    monkeypatch.setattr(apscheduler.schedulers.base, "datetime", FakeClock)
+    monkeypatch.setattr(FakeClock, "current", datetime(2026, 11, 25, 14, 0, tzinfo=UTC))
+    scheduler = app.extensions["ollamamq.scheduler"]
+    scheduler.start()
+    try:
+        job = scheduler.get_job(DOWNLOADS_JOB)
+        assert job.next_run_time == datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
+        FakeClock.current = datetime(2026, 11, 26, 2, 59, tzinfo=UTC)
+        scheduler.scheduler._process_jobs()
+        assert not opened.wait(0.2)
+        FakeClock.current = datetime(2026, 11, 26, 3, 0, 1, tzinfo=UTC)
+        scheduler.scheduler._process_jobs()
+        assert opened.wait(5)
+        assert job.next_run_time == datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+    finally:
+        scheduler.shutdown(wait=False)
+
+
+class FakeClock(datetime):
+    """datetime whose now() is whatever the test says."""
+
+    current = datetime(2000, 1, 1, tzinfo=UTC)
+
+    @classmethod
+    def now(cls, tz=None):
+        return cls.current.astimezone(tz) if tz else cls.current

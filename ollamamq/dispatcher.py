@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +42,7 @@ class Ticket:
     """
 
     __slots__ = (
+        "id",
         "user",
         "model",
         "path",
@@ -56,7 +59,10 @@ class Ticket:
         "on_abandon",
     )
 
+    _ids = itertools.count(1)
+
     def __init__(self, user: str, model: str | None, path: str, estimate: float) -> None:
+        self.id = next(Ticket._ids)
         self.user = user
         self.model = model
         self.path = path
@@ -88,12 +94,34 @@ class Ticket:
 class TicketView:
     """A waiting or active request, for display."""
 
+    id: int
     user: str
     model: str | None
     path: str
     backend: str | None
     seconds: float  # waiting so far, or streaming so far
-    records: int
+    records: int  # streamed records relayed so far (about one per token)
+
+
+@dataclass(frozen=True)
+class UserView:
+    """One user's standing and history, for display."""
+
+    user: str
+    waiting: int
+    active: int
+    served: int
+    errors: int
+    cancelled: int
+    tokens_in: int
+    tokens_out: int
+    avg_wait_ms: float
+    p95_wait_ms: float
+    last_seen: float  # seconds since the epoch
+    blocked: bool
+    vip: bool
+    weight: float
+    service: float  # the fairness counter: weighted tokens (or grants) received
 
 
 @dataclass(frozen=True)
@@ -101,13 +129,14 @@ class Snapshot:
     """Everything the health check and admin show, copied at one instant."""
 
     backends: tuple[BackendStatus, ...]
-    waiting: tuple[TicketView, ...]
+    waiting: tuple[TicketView, ...]  # in the order they would be granted, user by user
     active: tuple[TicketView, ...]
-    users: dict[str, UserStats]
-    user_order: tuple[str, ...]
+    users: tuple[UserView, ...]
     served: int
     errors: int
-    throughput: tuple[tuple[int, int, int], ...]
+    throughput: tuple[tuple[int, int, int], ...]  # (minute start, requests, tokens), last hour
+    started_at: float  # seconds since the epoch
+    fairness: str
 
 
 class Dispatcher:
@@ -128,6 +157,7 @@ class Dispatcher:
         self.served = 0
         self.errors = 0
         self._active: dict[Ticket, None] = {}
+        self.started_at = time.time()
         self._service_s = 1.0  # moving average of service time, for Retry-After
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
@@ -169,6 +199,23 @@ class Dispatcher:
         elif ticket.state == ACTIVE and ticket.on_abandon is not None:
             ticket.on_abandon()
 
+    def cancel(self, ticket_id: int) -> bool:
+        """An operator withdraws a waiting request; False if it is not waiting."""
+        ticket = next((t for t in self._waiting() if t.id == ticket_id), None)
+        if ticket is None or not self.queue.remove(ticket.item):
+            return False
+        ticket.state = CANCELLED
+        self._stats(ticket.user).cancelled += 1
+        ticket.granted.set()
+        log.info("operator cancelled a queued request of user %s", ticket.user)
+        return True
+
+    def set_blocked(self, user: str, blocked: bool) -> None:
+        """Block or unblock a user: a blocked user's new requests get 403."""
+        self.queue.account(user).is_blocked = blocked
+        self._stats(user)  # so the user is listed even before any request
+        log.info("user %s %s", user, "blocked" if blocked else "unblocked")
+
     def release(self, ticket: Ticket) -> None:
         """Free the ticket's slot and count its work; safe to call more than once."""
         if ticket.state != ACTIVE:
@@ -186,17 +233,41 @@ class Dispatcher:
     def snapshot(self) -> Snapshot:
         """A frozen copy of the state for display."""
         now = time.monotonic()
-        accounts = self.queue.accounts
-        waiting = [item.payload for u in self.queue.order() for item in accounts[u].queue]
+        active_by_user = Counter(t.user for t in self._active)
         return Snapshot(
             backends=tuple(b.status() for b in self.pool),
-            waiting=tuple(_view(t, now - t.enqueued_at) for t in waiting),
+            waiting=tuple(_view(t, now - t.enqueued_at) for t in self._waiting()),
             active=tuple(_view(t, now - (t.started_at or now)) for t in self._active),
-            users={u: _copy_stats(s) for u, s in self.users.items()},
-            user_order=tuple(self.queue.order()),
+            users=tuple(self._user_view(u, s, active_by_user[u]) for u, s in self.users.items()),
             served=self.served,
             errors=self.errors,
             throughput=tuple(self.throughput.series(time.time())),
+            started_at=self.started_at,
+            fairness=self.queue.fairness,
+        )
+
+    def _waiting(self) -> list[Ticket]:
+        accounts = self.queue.accounts
+        return [item.payload for u in self.queue.order() for item in accounts[u].queue]
+
+    def _user_view(self, user: str, stats: UserStats, active: int) -> UserView:
+        account = self.queue.account(user)
+        return UserView(
+            user=user,
+            waiting=len(account.queue),
+            active=active,
+            served=stats.served,
+            errors=stats.errors,
+            cancelled=stats.cancelled,
+            tokens_in=stats.tokens_in,
+            tokens_out=stats.tokens_out,
+            avg_wait_ms=stats.avg_wait_ms(),
+            p95_wait_ms=stats.p95_wait_ms(),
+            last_seen=stats.last_seen,
+            blocked=account.is_blocked,
+            vip=account.is_vip,
+            weight=account.weight,
+            service=account.counter,
         )
 
     @property
@@ -272,10 +343,6 @@ class Dispatcher:
 
 def _view(ticket: Ticket, seconds: float) -> TicketView:
     backend = ticket.backend.name if ticket.backend else None
-    return TicketView(ticket.user, ticket.model, ticket.path, backend, seconds, ticket.records)
-
-
-def _copy_stats(stats: UserStats) -> UserStats:
-    copy = UserStats(**{k: v for k, v in vars(stats).items() if k != "waits_ms"})
-    copy.waits_ms.extend(stats.waits_ms)
-    return copy
+    return TicketView(
+        ticket.id, ticket.user, ticket.model, ticket.path, backend, seconds, ticket.records
+    )

@@ -116,7 +116,7 @@ def serve_queued(path: str) -> Response:
     watch = ClientWatch(request.environ, lambda: queue.abandon(ticket))
     if not ticket.wait():
         watch.stop()
-        return json_error(499, "client closed the request while it was queued")
+        return json_error(410, "the request was cancelled while it was queued")
     response = _open(ticket.backend, path, body, ticket, queue)
     response.headers["X-Queue-Wait-Ms"] = f"{ticket.wait_ms:.1f}"
     response.call_on_close(watch.stop)

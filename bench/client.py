@@ -76,6 +76,9 @@ def fetch(conn: HTTPConnection, path: str, body: bytes, user: str) -> Reply:
     except (OSError, HTTPException) as exc:
         conn.close()
         return Reply(0, False, time.perf_counter() - started, None, 0, None, repr(exc))
+    except BaseException:
+        conn.close()  # cut off by a deadline: the next request needs a clean connection
+        raise
     seconds = time.perf_counter() - started
     wait = response.getheader("X-Queue-Wait-Ms")
     ok = response.status == 200 and is_done(tail)
@@ -83,9 +86,9 @@ def fetch(conn: HTTPConnection, path: str, body: bytes, user: str) -> Reply:
     return Reply(response.status, ok, seconds, ttfb, records, float(wait) if wait else None, error)
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    """The nearest-rank percentile of `values` (nan when empty)."""
+def percentile(values: list[float], fraction: float) -> float | None:
+    """The nearest-rank percentile of `values`, to three decimals (None when empty)."""
     if not values:
-        return math.nan
+        return None
     ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+    return round(ordered[max(0, math.ceil(fraction * len(ordered)) - 1)], 3)

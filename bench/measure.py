@@ -6,7 +6,6 @@ by the deadline are dropped and counted as `unfinished`, apart from the errors.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections import Counter
@@ -51,8 +50,8 @@ def run_clients(
         for i, conn in enumerate(conns)
     ]
     gevent.joinall(greenlets, timeout=max(0.0, deadline - time.monotonic()) + 1)
-    gevent.killall(greenlets, block=False)
-    return [reply for g in greenlets if g.successful() for reply in g.value]
+    gevent.killall(greenlets, timeout=1)
+    return [reply for g in greenlets if isinstance(g.value, list) for reply in g.value]
 
 
 def summary(replies: list[Reply], expected: int, seconds: float) -> dict[str, Any]:
@@ -67,8 +66,8 @@ def summary(replies: list[Reply], expected: int, seconds: float) -> dict[str, An
         "error_kinds": dict(Counter(r.error[:80] for r in bad).most_common(5)),
         "seconds": round(seconds, 3),
         "rps": round(len(good) / seconds, 1) if seconds else 0.0,
-        "p50_ms": round(percentile(good, 0.50), 3),
-        "p99_ms": round(percentile(good, 0.99), 3),
+        "p50_ms": percentile(good, 0.50),
+        "p99_ms": percentile(good, 0.99),
     }
 
 
@@ -121,8 +120,8 @@ def first_byte(url: str, count: int, deadline: float) -> dict[str, Any]:
         "requests": count,
         "errors": len(replies) - len(ttfbs),
         "unfinished": count - len(replies),
-        "median_ms": round(statistics.median(ttfbs), 3) if ttfbs else math.nan,
-        "p99_ms": round(percentile(ttfbs, 0.99), 3),
+        "median_ms": round(statistics.median(ttfbs), 3) if ttfbs else None,
+        "p99_ms": percentile(ttfbs, 0.99),
     }
 
 
@@ -135,22 +134,31 @@ def chunk_rate(url: str, tokens: int, repeats: int, deadline: float) -> dict[str
         replies = sequential(conn, body, "bench-chunks", repeats, deadline)
     finally:
         conn.close()
-    rates = [r.records / r.seconds for r in replies if r.ok and r.records == tokens + 1]
+    rates = [relay_rate(r) for r in replies if r.ok and r.records == tokens + 1]
     return {
         "tokens": tokens,
         "repeats": repeats,
         "errors": len(replies) - len(rates),
         "unfinished": repeats - len(replies),
-        "best": round(max(rates)) if rates else 0,
-        "median": round(statistics.median(rates)) if rates else 0,
+        "best": round(max(rates)) if rates else None,
+        "median": round(statistics.median(rates)) if rates else None,
     }
+
+
+def relay_rate(reply: Reply) -> float:
+    """Records per second from the first byte to the last: (b) measures the wait before."""
+    streaming = reply.seconds - (reply.ttfb or 0.0)
+    return (reply.records - 1) / streaming if streaming > 0 else reply.records / reply.seconds
 
 
 class PeakRss:
     """Samples one process's RSS every 50 ms in its own greenlet; only that greenlet writes."""
 
     def __init__(self, pid: int | None) -> None:
-        self.process = psutil.Process(pid) if pid else None
+        try:
+            self.process = psutil.Process(pid) if pid else None
+        except psutil.Error:
+            self.process = None
         self.start_mb = self._sample()
         self.peak_mb = self.start_mb
         self._greenlet = gevent.spawn(self._run)
@@ -203,11 +211,11 @@ def many_streams(
         gevent.joinall(greenlets, timeout=max(0.0, deadline - time.monotonic()))
         seconds = time.perf_counter() - started
     finally:
-        gevent.killall(greenlets, block=False)
+        gevent.killall(greenlets, timeout=1)
         rss.stop()
         for conn in conns:
             conn.close()
-    replies = [g.value for g in greenlets if g.successful()]
+    replies = [g.value for g in greenlets if isinstance(g.value, Reply)]
     result = summary(replies, clients, seconds)
     del result["rps"]
     result |= {"users": users, "connected": connected}

@@ -36,6 +36,7 @@ from bench.servers import Server
 MEASUREMENTS = ("c1", "c32", "ttfb", "chunks", "clients")
 LATENCY_SLOTS = 32  # (a)-(c): enough slots that c=32 is queued but never serialized
 STREAM_SLOTS = 8  # (d): the proxy queues whatever does not fit in 8 slots
+SERVED_BY = {"clients": "streams"}  # the proxy that serves (d); "proxy" serves the others
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,9 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def start_servers(args: argparse.Namespace, plan: Plan, stack: ExitStack) -> dict[str, Server]:
+def start_servers(
+    args: argparse.Namespace, plan: Plan, only: set[str], stack: ExitStack
+) -> dict[str, Server]:
     """The fake, a proxy for (a)-(c) and a proxy for (d): started here unless given."""
     if args.proxy_url:
         proxy = servers.external("proxy", args.proxy_url)
@@ -104,7 +107,7 @@ def start_servers(args: argparse.Namespace, plan: Plan, stack: ExitStack) -> dic
     proxy = servers.start_proxy(fake.url, LATENCY_SLOTS, [], args.profile or "")
     stack.callback(servers.stop, proxy)
     procs = {"fake": fake, "proxy": proxy}
-    if "clients" in args.only:
+    if "clients" in only:
         room = ["--max-queue-per-user", str(plan.clients), "--max-queue", str(2 * plan.clients)]
         procs["streams"] = servers.start_proxy(fake.url, STREAM_SLOTS, room)
         stack.callback(servers.stop, procs["streams"])
@@ -128,33 +131,25 @@ def run(plan: Plan, only: set[str], procs: dict[str, Server]) -> dict[str, Any]:
     """Each chosen measurement, direct first, then through the proxy."""
     results: dict[str, Any] = {"direct": {}, "proxy": {}, "skipped": []}
     budget = Budget(plan.limit, plan.budget)
-    client, fake, proxy = os.getpid(), procs["fake"].pid, procs["proxy"].pid
     jobs = {
-        "c1": lambda url, end, pids: measure.latency(url, plan.c1, 1, end, pids),
-        "c32": lambda url, end, pids: measure.latency(url, plan.c32, plan.concurrency, end, pids),
-        "ttfb": lambda url, end, pids: measure.first_byte(url, plan.ttfb, end),
-        "chunks": lambda url, end, pids: measure.chunk_rate(url, plan.tokens, plan.repeats, end),
+        "c1": lambda s, end, pids: measure.latency(s.url, plan.c1, 1, end, pids),
+        "c32": lambda s, end, pids: measure.latency(s.url, plan.c32, plan.concurrency, end, pids),
+        "ttfb": lambda s, end, pids: measure.first_byte(s.url, plan.ttfb, end),
+        "chunks": lambda s, end, pids: measure.chunk_rate(s.url, plan.tokens, plan.repeats, end),
+        "clients": lambda s, end, pids: measure.many_streams(
+            s.url, plan.clients, plan.users, end, s.pid
+        ),
     }
-    sides = {
-        "direct": (procs["fake"], {"client": client, "fake": fake}),
-        "proxy": (procs["proxy"], {"client": client, "fake": fake, "proxy": proxy}),
-    }
-    for name, job in jobs.items():
-        for side, (server, pids) in sides.items():
-            end = budget.deadline() if name in only else None
-            if end is not None:
-                results[side][name] = job(server.url, end, pids)
-            elif name in only:
-                results["skipped"].append(f"{name} {side}")
-    if "clients" in only:
-        for side, server in (("direct", procs["fake"]), ("proxy", procs["streams"])):
+    pids = {"client": os.getpid(), "fake": procs["fake"].pid}
+    sides = {"direct": pids, "proxy": pids | {"proxy": procs["proxy"].pid}}
+    for name in (name for name in MEASUREMENTS if name in only):
+        for side, watched in sides.items():
+            server = procs["fake"] if side == "direct" else procs[SERVED_BY.get(name, "proxy")]
             end = budget.deadline()
             if end is None:
-                results["skipped"].append(f"clients {side}")
-                continue
-            results[side]["clients"] = measure.many_streams(
-                server.url, plan.clients, plan.users, end, server.pid
-            )
+                results["skipped"].append(f"{name} {side}")
+            else:
+                results[side][name] = jobs[name](server, end, watched)
     return results
 
 
@@ -163,19 +158,21 @@ def notes(
 ) -> list[str]:
     """What the reader needs to know to interpret the table."""
     users = "one X-User-ID per client" if plan.users == plan.clients else f"{plan.users} users"
-    spawned = not args.proxy_url
+    slots = "" if args.proxy_url else f"; proxy run with --backend-parallel {LATENCY_SLOTS}"
+    wide = "" if args.proxy_url else f"; proxy run with --backend-parallel {STREAM_SLOTS}"
+    described = {
+        "c1": f"(a) c=1: {plan.c1} requests on one keep-alive connection",
+        "c32": f"(a) c={plan.concurrency}: {plan.c32} requests, one user per client{slots}",
+        "ttfb": f"(b) {plan.ttfb} sequential streams of 16 tokens, first body byte",
+        "chunks": f"(c) {plan.repeats} streams of {plan.tokens} tokens, first byte to last",
+        "clients": f"(d) {plan.clients} streams of 8 tokens sent at once, {users}{wide}; "
+        "the direct column is the fake serving all at once (RSS is the fake's)",
+    }
     lines = [
         f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; "
         "client, fake and proxy are separate processes on loopback",
         "client: this process, gevent + http.client, one keep-alive connection per client",
-        f"(a) c=1: {plan.c1} requests; c={plan.concurrency}: {plan.c32} requests, "
-        f"one user per client"
-        + (f"; proxy run with --backend-parallel {LATENCY_SLOTS}" if spawned else ""),
-        f"(b) {plan.ttfb} sequential streams of 16 tokens; (c) {plan.repeats} streams of "
-        f"{plan.tokens} tokens, records / total seconds",
-        f"(d) {plan.clients} streams of 8 tokens sent at once, {users}; "
-        + (f"proxy with --backend-parallel {STREAM_SLOTS}; " if spawned else "")
-        + "the direct column is the fake serving them all at once (its own RSS)",
+        *(text for name, text in described.items() if name in results["plan"]["only"]),
     ]
     if results["skipped"]:
         lines.append(f"not run, time budget spent: {', '.join(results['skipped'])}")
@@ -204,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(","))
     raise_fd_limit(2 * plan.clients + 1024)
     with ExitStack() as stack:
-        procs = start_servers(args, plan, stack)
+        procs = start_servers(args, plan, only, stack)
         results = run(plan, only, procs)
-    results["plan"] = asdict(plan)
+    results["plan"] = asdict(plan) | {"only": sorted(only)}
     print(table(results))
     print()
     print("\n".join(f"- {line}" for line in notes(plan, args, procs, results)))

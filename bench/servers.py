@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,6 +34,7 @@ class Server:
     proc: subprocess.Popen | None = None  # None: started by someone else
     log_path: Path | None = None
     pid: int | None = None
+    workdir: Path | None = None  # the proxy's working directory and database, removed at stop
 
     def problems(self) -> list[str]:
         """Warning, error and traceback lines the server logged so far."""
@@ -79,13 +82,18 @@ def start_proxy(backend: str, parallel: int, extra: list[str], profile: str = ""
     """Start `python -m ollamamq` on a free port, optionally under cProfile; wait until up."""
     port = free_port()
     log_path = log_file("proxy")
-    runner = ["-m", "cProfile", "-o", profile] if profile else []
+    runner = ["-m", "cProfile", "-o", str(Path(profile).resolve())] if profile else []
     command = [sys.executable, *runner, "-m", "ollamamq", "-p", str(port), "-H", "127.0.0.1"]
     command += ["-o", backend, "--no-tui", "--log-file", "", "--log-level", "WARNING"]
     command += ["--backend-parallel", str(parallel), *extra]
+    workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    database = workdir / "ollamamq.db"  # a fresh one, never the repository's
+    env = os.environ | {"DB_PATH": str(database), "DATABASE_URL": f"sqlite:///{database}"}
     with log_path.open("wb") as err:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-    server = Server("proxy", f"http://127.0.0.1:{port}", proc, log_path, proc.pid)
+        proc = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+    server = Server("proxy", f"http://127.0.0.1:{port}", proc, log_path, proc.pid, workdir)
     try:
         wait_until_up(server)
     except BaseException:
@@ -95,35 +103,38 @@ def start_proxy(backend: str, parallel: int, extra: list[str], profile: str = ""
 
 
 def wait_until_up(server: Server) -> None:
-    """Poll GET /health until it answers 200; raise if the process dies or time runs out."""
+    """Poll GET /health until any HTTP answer comes; raise if the process dies or time runs out."""
     deadline = time.monotonic() + START_TIMEOUT
     parts = urlsplit(server.url)
     while time.monotonic() < deadline:
         if server.proc is not None and server.proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}")
+            raise RuntimeError(
+                f"{server.name} exited with {server.proc.returncode}: see {server.log_path}"
+            )
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=1.0)
         try:
             conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
+            conn.getresponse().read()
+            return  # serving HTTP; a /health that fails shows up in the server's log
+        except (OSError, http.client.HTTPException):
             pass
         finally:
             conn.close()
         gevent.sleep(0.05)
-    raise RuntimeError(f"{server.name} did not answer on {server.url} in {START_TIMEOUT:.0f} s")
+    raise RuntimeError(f"{server.name} did not answer on {server.url}: see {server.log_path}")
 
 
 def stop(server: Server) -> None:
     """SIGTERM, then SIGKILL if the server is still there after STOP_TIMEOUT."""
-    if server.proc is None or server.proc.poll() is not None:
-        return
-    server.proc.terminate()
-    try:
-        server.proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait(timeout=STOP_TIMEOUT)
+    if server.proc is not None and server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(timeout=STOP_TIMEOUT)
+    if server.workdir is not None:
+        shutil.rmtree(server.workdir, ignore_errors=True)
 
 
 def pid_listening(url: str) -> int | None:

@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bursts", help="requests per user instead, e.g. 10,2,2,2")
     p.add_argument("--tokens", type=int, default=20, help="tokens per answer (20)")
     p.add_argument("--stagger", type=float, default=0.1, help="seconds between users' starts")
+    p.add_argument(
+        "--spacing", type=float, default=0.002, help="seconds between one user's requests"
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="give up after this long")
     return p.parse_args(argv)
 
@@ -86,10 +89,12 @@ def simulate(url: str, bursts: dict[str, int], args: argparse.Namespace) -> list
 
     greenlets = []
     for user, count in bursts.items():
-        greenlets += [gevent.spawn(one, user, n + 1) for n in range(count)]
+        for n in range(count):
+            greenlets.append(gevent.spawn(one, user, n + 1))
+            gevent.sleep(args.spacing)  # else connects finish in any order, and so do sends
         gevent.sleep(args.stagger)
     gevent.joinall(greenlets, timeout=args.timeout)
-    gevent.killall(greenlets, block=False)
+    gevent.killall(greenlets, timeout=1)
     return log
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import downloads, errors, openai_api, proxy
+from . import admin, admin_api, downloads, errors, openai_api, proxy
 from .auth import init_auth
 from .backends import BackendPool
 from .config import Config
@@ -21,6 +21,7 @@ from .extensions import db, limiter, migrate
 from .fairshare import FairQueue
 from .jobs import init_scheduler
 from .pulls import PullService
+from .users import UserSettings
 
 ROOT = Path(__file__).resolve().parent.parent  # templates/, static/, migrations/ live here
 MIGRATIONS = str(ROOT / "migrations")
@@ -43,17 +44,22 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     pulls = PullService(app, dispatcher.pool)
     app.extensions["ollamamq"] = dispatcher
     app.extensions["ollamamq.pulls"] = pulls
+    app.extensions["ollamamq.users"] = UserSettings(dispatcher, app.config["USERS"])
     app.extensions["ollamamq.scheduler"] = init_scheduler(app, pulls)
+    for quota_free in (proxy.bp, openai_api.bp, downloads.bp):
+        limiter.exempt(quota_free)  # no per-request limit checks on the hot path
     app.register_blueprint(downloads.bp)
     app.register_blueprint(proxy.bp)
     app.register_blueprint(openai_api.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(admin_api.bp)
     return app
 
 
 def _dispatcher(app: Flask) -> Dispatcher:
     config = app.config
     pool = BackendPool(config["OLLAMA_URLS"], config["BACKEND_PARALLEL"], config["HEALTH_INTERVAL"])
-    queue = FairQueue("requests")
+    queue = FairQueue(config["FAIRNESS"], config["OUTPUT_WEIGHT"])
     return Dispatcher(pool, queue, config["MAX_QUEUE"], config["MAX_QUEUE_PER_USER"])
 
 
@@ -74,6 +80,7 @@ def start_services(app: Flask) -> None:
         if app.config["APPLY_MIGRATIONS"]:
             flask_migrate.upgrade(directory=MIGRATIONS)
         app.extensions["ollamamq.pulls"].recover()
+        app.extensions["ollamamq.users"].load()
     dispatcher: Dispatcher = app.extensions["ollamamq"]
     dispatcher.start()
     dispatcher.pool.start(on_change=dispatcher.wake)

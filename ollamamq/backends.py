@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import gevent
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from .fairshare import BackendView, normalize_model
@@ -58,8 +59,10 @@ class Backend:
         self.name = url.split("://", 1)[-1]
         self.slots = slots
         self.active = 0
-        self.session = make_session()
+        self.session = make_session()  # health checks, listings and pulls
+        self.pool = urllib3.connection_from_url(url, maxsize=POOL_CONNECTIONS)  # the relay
         self.is_up = True  # optimistic until a check or a request says otherwise
+        self.rest_until = 0.0  # monotonic time before which a busy backend gets no new work
         self.latency_ms: float | None = None
         self.models: frozenset[str] | None = None
         self.loaded: frozenset[str] = frozenset()
@@ -69,9 +72,9 @@ class Backend:
         """Whether the model is installed here, or the list is not known yet."""
         return self.models is None or normalize_model(model) in self.models
 
-    def view(self) -> BackendView:
-        """The policy's picture of this backend now."""
-        free = self.slots - self.active
+    def view(self, now: float) -> BackendView:
+        """The policy's picture of this backend at monotonic time `now`."""
+        free = 0 if now < self.rest_until else self.slots - self.active
         return BackendView(self.name, free, self.active, self.is_up, self.models, self.loaded)
 
     def status(self) -> BackendStatus:
@@ -98,17 +101,31 @@ class Backend:
         """Refresh health, latency and the installed and loaded models."""
         try:
             started = time.perf_counter()
-            tags = self._get_json("/api/tags", timeout)
+            self.models = frozenset(self._installed(timeout))
             self.latency_ms = (time.perf_counter() - started) * 1000
-            ps = self._get_json("/api/ps", timeout)
-        except (requests.RequestException, ValueError) as exc:
+            self.loaded = frozenset(self._loaded(timeout))
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
             self.mark_down(str(exc))
             return
-        self.models = frozenset(_model_names(tags))
-        self.loaded = frozenset(_model_names(ps))
         if not self.is_up:
             log.info("backend %s is up again", self.name)
         self.is_up, self.error = True, None
+
+    def _installed(self, timeout: float) -> list[str]:
+        """Models from /api/tags, or /v1/models for a backend that speaks only OpenAI."""
+        response = self.session.get(self.url + "/api/tags", timeout=timeout)
+        if response.status_code == 404:
+            listing = self._get_json("/v1/models", timeout)["data"]
+            return [normalize_model(m["id"]) for m in listing]
+        response.raise_for_status()
+        return _model_names(response.json())
+
+    def _loaded(self, timeout: float) -> list[str]:
+        response = self.session.get(self.url + "/api/ps", timeout=timeout)
+        if response.status_code == 404:
+            return []
+        response.raise_for_status()
+        return _model_names(response.json())
 
     def _get_json(self, path: str, timeout: float) -> dict:
         response = self.session.get(self.url + path, timeout=timeout)
@@ -117,7 +134,7 @@ class Backend:
 
 
 def _model_names(listing: dict) -> list[str]:
-    return [normalize_model(m.get("model") or m["name"]) for m in listing.get("models", [])]
+    return [normalize_model(m.get("model") or m["name"]) for m in listing.get("models") or []]
 
 
 class BackendPool:
@@ -143,19 +160,27 @@ class BackendPool:
             self._loop.kill(block=False)
         for backend in self.backends:
             backend.session.close()
+            backend.pool.close()
 
     def check_all(self) -> None:
         """Check every backend at once, concurrently."""
         timeout = min(self.interval, 5.0)
         gevent.joinall([gevent.spawn(b.check, timeout) for b in self.backends])
 
-    def has_model(self, model: str) -> bool:
-        """Whether any backend may serve `model`."""
-        return any(b.has_model(model) for b in self.backends)
+    def candidates(self) -> list[Backend]:
+        """Healthy backends, or all of them when none is (a request may still get through)."""
+        return [b for b in self.backends if b.is_up] or self.backends
 
-    def first_up(self) -> Backend:
-        """The backend for calls that need no slot: the first healthy one, else the first."""
-        return next((b for b in self.backends if b.is_up), self.backends[0])
+    def has_model(self, model: str) -> bool:
+        """Whether a healthy backend may serve `model`."""
+        return any(b.has_model(model) for b in self.candidates())
+
+    def backend_for(self, model: str | None) -> Backend:
+        """The backend for a call that needs no slot: a healthy one with `model`, if named."""
+        candidates = self.candidates()
+        if model:
+            return next((b for b in candidates if b.has_model(model)), candidates[0])
+        return candidates[0]
 
     def _run(self, on_change: Callable[[], None]) -> None:
         while True:

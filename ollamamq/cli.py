@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -14,7 +16,7 @@ from flask import Flask
 from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
 from .app import MIGRATIONS, create_app, start_services, stop_services
-from .config import split_urls
+from .config import load_config_file, split_urls
 
 log = logging.getLogger(__name__)
 
@@ -86,21 +88,46 @@ def build_parser(version: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--log-file", dest="LOG_FILE", help="log file, '' for none (LOG_FILE)")
     p.add_argument("--log-level", dest="LOG_LEVEL", help="DEBUG, INFO, WARNING (LOG_LEVEL)")
+    p.add_argument(
+        "--fairness",
+        choices=["tokens", "requests"],
+        dest="FAIRNESS",
+        help="share by tokens served (VTC) or by requests (FAIRNESS, tokens)",
+    )
+    p.add_argument(
+        "--output-weight",
+        type=float,
+        dest="OUTPUT_WEIGHT",
+        metavar="W",
+        help="cost of an output token in input tokens (OUTPUT_WEIGHT, 2)",
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("OLLAMAMQ_CONFIG"),
+        metavar="FILE",
+        help="TOML settings file: backends, [users.NAME] weight/vip/blocked",
+    )
     p.add_argument("--no-tui", action="store_true", help="accepted for ollamaMQ compatibility")
     p.add_argument("-V", "--version", action="version", version=f"ollamamq {version}")
     commands = p.add_subparsers(dest="command", metavar="COMMAND")
     downloads = commands.add_parser("downloads", help="the download queue, without a browser")
     downloads.add_argument("action", choices=["list", "process", "remove"])
     downloads.add_argument("model", nargs="?", help="the model to remove")
+    top = commands.add_parser("top", help="live terminal dashboard of a running proxy")
+    top.add_argument("--url", default="http://127.0.0.1:11435", help="the proxy to watch")
+    top.add_argument("--password", help="admin password (OLLAMAMQ_ADMIN_PASSWORD)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     return p
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given on the command line."""
+    """Settings from the config file, then the command line, which wins."""
     given = {k: v for k, v in vars(args).items() if k.isupper() and v is not None}
     if "OLLAMA_URLS" in given:
         given["OLLAMA_URLS"] = split_urls(given["OLLAMA_URLS"])
-    return given
+    from_file = load_config_file(args.config) if args.config else {}
+    return {**from_file, **given}
 
 
 def setup_logging(level: str, log_file: str) -> None:
@@ -118,6 +145,12 @@ def setup_logging(level: str, log_file: str) -> None:
 
 class Handler(WSGIHandler):
     """Hands the client socket to the app, which watches it for hang-ups."""
+
+    def handle(self) -> None:
+        # pywsgi writes headers and body separately: without this, Nagle's algorithm holds
+        # the body for the client's delayed ACK (~40 ms on every keep-alive request).
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().handle()
 
     def get_environ(self) -> dict:
         environ = super().get_environ()
@@ -153,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = build_parser(__version__)
     args = parser.parse_args(argv)
+    if args.command == "top":  # a client of a running proxy: no app, no database
+        from . import top
+
+        sys.exit(top.main(args.url, args.password, args.interval))
     app = create_app(overrides_from(args))
     setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FILE"])
     if args.command == "downloads":

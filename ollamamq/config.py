@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tomllib
+from typing import Any
 
 
 def env_int(name: str, default: int) -> int:
@@ -27,6 +29,23 @@ def split_urls(value: str | list[str]) -> list[str]:
     return [p.strip().rstrip("/") for p in parts if p.strip()]
 
 
+def load_config_file(path: str) -> dict[str, Any]:
+    """Settings from a TOML file: keys are the settings' names in any case, plus [users.NAME].
+
+    `ollama_url` may be a list or a comma list; `[users.NAME]` tables hold weight, vip, blocked.
+    """
+    with open(path, "rb") as file:
+        raw = tomllib.load(file)
+    settings = {
+        key.upper(): value for key, value in raw.items() if key not in ("ollama_url", "users")
+    }
+    if "ollama_url" in raw:
+        settings["OLLAMA_URLS"] = split_urls(raw["ollama_url"])
+    if "users" in raw:
+        settings["USERS"] = raw["users"]
+    return settings
+
+
 class Config:
     """Defaults for the Flask app; `create_app(overrides)` replaces any of them."""
 
@@ -41,6 +60,10 @@ class Config:
     MAX_QUEUE_PER_USER = env_int("MAX_QUEUE_PER_USER", 100)  # waiting requests per user
     MAX_QUEUE = env_int("MAX_QUEUE", 10_000)  # waiting requests in all
     USER_ID_MAX_LENGTH = 128  # longer X-User-ID values are cut
+    FAIRNESS = os.environ.get("FAIRNESS", "tokens")  # "tokens" (VTC) or "requests" (round-robin)
+    OUTPUT_WEIGHT = env_float("OUTPUT_WEIGHT", 2.0)  # an output token costs this many input ones
+    BUSY_RETRY_S = env_float("BUSY_RETRY_S", 1.0)  # a backend answering 503 rests this long
+    USERS: dict[str, dict] = {}  # per-user weight / vip / blocked, from the config file
     TRUSTED_PROXIES = env_int("TRUSTED_PROXIES", 0)  # proxy hops allowed to set X-Forwarded-For
     LOG_FILE = os.environ.get("LOG_FILE", "ollamamq.log")  # "" logs to stderr only
     LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
@@ -67,3 +90,10 @@ class Config:
     # The admin.
     ADMIN_PASSWORD = os.environ.get("OLLAMAMQ_ADMIN_PASSWORD", "")  # "" : loopback only
     SECRET_KEY = os.environ.get("SECRET_KEY") or os.urandom(32).hex()  # signs admin sessions
+    ADMIN_LOGIN_LIMIT = os.environ.get("ADMIN_LOGIN_LIMIT", "5 per minute")  # per client address
+    SESSION_COOKIE_NAME = "ollamamq_admin"
+    SESSION_COOKIE_HTTPONLY = True  # scripts in the page never see the session
+    SESSION_COOKIE_SAMESITE = "Lax"  # other sites' forms and scripts never carry the session
+    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)  # True behind HTTPS
+    WTF_CSRF_CHECK_DEFAULT = False  # CSRF is checked on admin POSTs only, never on the proxy
+    WTF_CSRF_TIME_LIMIT = None  # a token lives as long as its session: dashboards stay open

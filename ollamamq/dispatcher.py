@@ -210,11 +210,33 @@ class Dispatcher:
         log.info("operator cancelled a queued request of user %s", ticket.user)
         return True
 
+    def configure_user(self, user: str, weight: float, vip: bool, blocked: bool) -> None:
+        """Set a user's share weight, absolute priority and blocked flag."""
+        account = self.queue.account(user)
+        account.weight, account.is_vip, account.is_blocked = weight, vip, blocked
+        self._stats(user)  # so the user is listed even before any request
+        self._wake.set()  # a new VIP may now go first
+
     def set_blocked(self, user: str, blocked: bool) -> None:
         """Block or unblock a user: a blocked user's new requests get 403."""
         self.queue.account(user).is_blocked = blocked
         self._stats(user)  # so the user is listed even before any request
         log.info("user %s %s", user, "blocked" if blocked else "unblocked")
+
+    def requeue(self, ticket: Ticket, rest_s: float) -> None:
+        """The backend was busy: rest it, free the slot, and let the ticket wait at the head."""
+        if ticket.state != ACTIVE:
+            return
+        backend = ticket.backend
+        assert backend is not None
+        backend.active -= 1
+        backend.rest_until = time.monotonic() + rest_s
+        gevent.spawn_later(rest_s, self.wake).name = "ollamamq-rest-over"
+        del self._active[ticket]
+        ticket.state, ticket.backend, ticket.started_at = WAITING, None, None
+        ticket.granted = Event()
+        self.queue.requeue(ticket.item)
+        self._wake.set()
 
     def release(self, ticket: Ticket) -> None:
         """Free the ticket's slot and count its work; safe to call more than once."""
@@ -228,6 +250,8 @@ class Dispatcher:
         self._service_s += 0.2 * (elapsed - self._service_s)
         self._count(ticket)
         self.queue.complete(ticket.user, ticket.item.estimate, ticket.tokens_in, ticket.tokens_out)
+        if not ticket.failed and ticket.model:
+            ticket.backend.loaded |= {ticket.model}  # Ollama keeps it loaded for a while
         self._wake.set()
 
     def snapshot(self) -> Snapshot:
@@ -245,6 +269,30 @@ class Dispatcher:
             started_at=self.started_at,
             fairness=self.queue.fairness,
         )
+
+    def positions(self, user: str) -> list[tuple[Ticket, int, float]]:
+        """Each waiting request of `user` with its estimated place in line and wait in seconds.
+
+        Users take turns, so the k-th request of a user is preceded by up to k requests of
+        every other waiting user (and one more of those ahead of it in the order).
+        """
+        order = self.queue.order()
+        if user not in order:
+            return []
+        depth = {u: self.queue.waiting(u) for u in order}
+        ahead = order[: order.index(user)]
+        slots = max(1, sum(b.slots for b in self.pool))
+        tickets = [item.payload for item in self.queue.accounts[user].queue]
+        placed = []
+        for k, ticket in enumerate(tickets):
+            before = sum(min(d, k + (u in ahead)) for u, d in depth.items() if u != user) + k
+            placed.append((ticket, before + 1, (before // slots + 1) * self._service_s))
+        return placed
+
+    @property
+    def service_s(self) -> float:
+        """Recent average time a request holds a slot."""
+        return self._service_s
 
     def _waiting(self) -> list[Ticket]:
         accounts = self.queue.accounts
@@ -306,7 +354,8 @@ class Dispatcher:
     def _grant_all(self) -> None:
         backends = self.pool.backends
         while len(self.queue):
-            choice = self.queue.grant([b.view() for b in backends])
+            now = time.monotonic()
+            choice = self.queue.grant([b.view(now) for b in backends])
             if choice is None:
                 return
             item, index = choice

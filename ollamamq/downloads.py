@@ -10,11 +10,10 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from limits import parse
 
 from .auth import require_admin
-from .catalog import queued_entry, union
 from .errors import json_error
 from .extensions import client_address, limiter
 from .pulls import JobView, PullService
-from .relay import dispatcher, serve_direct
+from .relay import serve_direct
 
 bp = Blueprint("downloads", __name__)
 
@@ -163,13 +162,4 @@ def delete() -> Response:
     service = pulls()
     if model and service.remove_model(model) and not service.is_installed(model):
         return Response(status=200)
-    return serve_direct("/api/delete", request.get_data())
-
-
-@bp.get("/api/tags")
-def tags() -> Response:
-    """Installed models (the union over backends), and queued ones when asked to show them."""
-    entries = union(dispatcher().pool, "/api/tags")
-    if current_app.config["SHOW_QUEUED_IN_TAGS"]:
-        entries += [queued_entry(j.model, j.as_dict()["created_at"]) for j in pulls().pending()]
-    return jsonify(models=entries)
+    return serve_direct("/api/delete", request.get_data(), model)

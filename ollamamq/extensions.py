@@ -6,6 +6,9 @@ from flask import request
 from flask_limiter import Limiter
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
+
+# Flask-WTF: session-bound, signed CSRF tokens for the admin forms, well kept and small.
+from flask_wtf.csrf import CSRFProtect
 from sqlalchemy.orm import DeclarativeBase
 
 
@@ -21,3 +24,4 @@ def client_address() -> str:
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
 limiter = Limiter(client_address)  # storage comes from RATELIMIT_STORAGE_URI per app
+csrf = CSRFProtect()  # checks only what auth.py asks it to (WTF_CSRF_CHECK_DEFAULT off)

@@ -121,6 +121,15 @@ class FairQueue:
         acct.queue.append(item)
         self._size += 1
 
+    def requeue(self, item: Waiting) -> None:
+        """Put a granted item back at the head of its user's queue and refund its charge."""
+        acct = self.account(item.user)
+        acct.counter -= item.estimate / acct.weight
+        if not acct.queue:
+            self._backlogged[item.user] = None
+        acct.queue.appendleft(item)
+        self._size += 1
+
     def remove(self, item: Waiting) -> bool:
         """Take a waiting item out (its client left); False if it was not waiting."""
         acct = self.accounts.get(item.user)

@@ -58,3 +58,15 @@ class PullJob(db.Model):
         if self.status == COMPLETED:
             return 100.0
         return 100.0 * self.completed_bytes / self.total_bytes if self.total_bytes else 0.0
+
+
+class UserSetting(db.Model):
+    """An operator's standing orders for one user: share weight, VIP, blocked."""
+
+    __tablename__ = "user_settings"
+
+    user: Mapped[str] = mapped_column(String(200), primary_key=True)
+    weight: Mapped[float] = mapped_column(default=1.0)
+    vip: Mapped[bool] = mapped_column(default=False)
+    blocked: Mapped[bool] = mapped_column(default=False)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

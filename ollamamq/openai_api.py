@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, jsonify
 
-from .relay import serve_direct, serve_queued
+from .catalog import union
+from .relay import dispatcher, serve_direct, serve_queued
 
 bp = Blueprint("openai_api", __name__, url_prefix="/v1")
 
@@ -29,11 +30,11 @@ def embeddings() -> Response:
 
 @bp.get("/models")
 def models() -> Response:
-    """The models the backend serves."""
-    return serve_direct("/v1/models")
+    """The models every backend serves, each once."""
+    return jsonify(object="list", data=union(dispatcher().pool, "/v1/models"))
 
 
 @bp.get("/models/<path:model>")
 def model(model: str) -> Response:
-    """One model (names may hold ':' and '/')."""
-    return serve_direct(f"/v1/models/{model}")
+    """One model (names may hold ':' and '/'), from a backend that has it."""
+    return serve_direct(f"/v1/models/{model}", model=model)

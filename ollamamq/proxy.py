@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import shutil
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import text
 
+from .catalog import queued_entry, union
 from .extensions import db
-from .relay import dispatcher, serve_direct, serve_queued
+from .relay import dispatcher, model_named, serve_direct, serve_queued, user_of
 
 bp = Blueprint("proxy", __name__)
 
 QUEUED = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings")
-DIRECT = (
+DIRECT = (  # model management and uploads: streamed both ways, no slot needed
     ("/", ("GET", "HEAD")),
-    ("/api/ps", ("GET",)),
     ("/api/version", ("GET",)),
-    ("/api/show", ("POST",)),
     ("/api/create", ("POST",)),
     ("/api/copy", ("POST",)),
     ("/api/push", ("POST",)),
@@ -42,6 +41,63 @@ for _path, _methods in DIRECT:
 def blobs(digest: str) -> Response:
     """Model layer uploads, streamed through without holding them in memory."""
     return serve_direct(f"/api/blobs/{digest}")
+
+
+@bp.post("/api/show")
+def show() -> Response:
+    """A model's details, from a backend that has it."""
+    body = request.get_data()
+    return serve_direct("/api/show", body, model_named(body))
+
+
+@bp.get("/api/tags")
+def tags() -> Response:
+    """Installed models across every backend, and queued ones when asked to show them."""
+    entries = union(dispatcher().pool, "/api/tags")
+    if current_app.config["SHOW_QUEUED_IN_TAGS"]:
+        pending = current_app.extensions["ollamamq.pulls"].pending()
+        entries += [queued_entry(j.model, j.as_dict()["created_at"]) for j in pending]
+    return jsonify(models=entries)
+
+
+@bp.get("/api/ps")
+def ps() -> Response:
+    """Models loaded now on any backend."""
+    return jsonify(models=union(dispatcher().pool, "/api/ps"))
+
+
+@bp.get("/api/position")
+def position() -> Response:
+    """Where the caller's requests stand: place in line and estimated wait of each."""
+    queue = dispatcher()
+    user = user_of()
+    snapshot = queue.snapshot()
+    waiting = [
+        {
+            "id": t.id,
+            "model": t.model,
+            "path": t.path,
+            "position": place,
+            "waited_s": round(t.wait_ms / 1000, 3),
+            "estimated_wait_s": round(eta, 1),
+        }
+        for t, place, eta in queue.positions(user)
+    ]
+    active = [
+        {
+            "id": t.id,
+            "model": t.model,
+            "path": t.path,
+            "backend": t.backend,
+            "seconds": round(t.seconds, 3),
+            "tokens": t.records,
+        }
+        for t in snapshot.active
+        if t.user == user
+    ]
+    return jsonify(
+        user=user, waiting=waiting, active=active, average_service_s=round(queue.service_s, 3)
+    )
 
 
 @bp.get("/health")

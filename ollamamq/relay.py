@@ -9,10 +9,10 @@ import socket
 from collections.abc import Callable, Iterator
 from functools import partial
 
-import gevent
-import requests
 from flask import Response, current_app, request
-from gevent.socket import wait_read
+from gevent import get_hub
+from urllib3 import HTTPResponse
+from urllib3.exceptions import ReadTimeoutError
 
 from .backends import Backend
 from .dispatcher import Dispatcher, QueueFull, Ticket, UserBlocked
@@ -23,6 +23,7 @@ from .upstream import (
     STREAM_ERRORS,
     TAIL_BYTES,
     SizedStream,
+    drop_usage_events,
     error_record,
     iter_body,
     open_stream,
@@ -34,7 +35,10 @@ from .upstream import (
 log = logging.getLogger(__name__)
 
 SOCKET_KEYS = ("ollamamq.socket", "gunicorn.socket")  # where servers put the client socket
-BYTES_PER_TOKEN = 4  # rough input estimate charged at dispatch, corrected on completion
+USAGE_PATHS = ("/v1/chat/completions", "/v1/completions")  # streams that can report usage
+RETRIES = 30  # busy or dead backends a request may meet before the client hears of it
+RelayedOrError = HTTPResponse | Response
+CHARS_PER_TOKEN = 4  # rough input estimate charged at dispatch, corrected on completion
 
 
 def dispatcher() -> Dispatcher:
@@ -59,28 +63,48 @@ def timeouts() -> tuple[float, float]:
 
 
 class ClientWatch:
-    """Notices a client that hangs up while its request waits or streams."""
+    """Notices a client that hangs up while its request waits or streams.
+
+    An I/O watcher in the hub, not a greenlet: it costs a few microseconds per request.
+    The callback runs in the hub, so `on_gone` must not block.
+    """
 
     def __init__(self, environ: dict, on_gone: Callable[[], None]) -> None:
-        sock = next((environ[k] for k in SOCKET_KEYS if k in environ), None)
-        self._greenlet = gevent.spawn(self._watch, sock, on_gone) if sock is not None else None
-        if self._greenlet is not None:
-            self._greenlet.name = "ollamamq-client-watch"
+        self._sock = next((environ[k] for k in SOCKET_KEYS if k in environ), None)
+        self._on_gone = on_gone
+        self._watcher = None
+        if self._sock is not None and self._sock.fileno() >= 0:
+            self._watcher = get_hub().loop.io(self._sock.fileno(), 1)  # 1: readable
+            self._watcher.start(self._readable)
 
-    @staticmethod
-    def _watch(sock: socket.socket, on_gone: Callable[[], None]) -> None:
+    def _readable(self) -> None:
+        raw = getattr(self._sock, "_sock", self._sock)  # gevent's recv would wait: not in the hub
         try:
-            wait_read(sock.fileno())
-            hung_up = not sock.recv(1, socket.MSG_PEEK)
+            hung_up = not raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
         except OSError:
             hung_up = True
+        self.stop()  # data instead of a hang-up is the client's next request: stop looking
         if hung_up:
-            on_gone()
+            self._on_gone()
 
     def stop(self) -> None:
         """Stop watching (the response is over)."""
-        if self._greenlet is not None:
-            self._greenlet.kill(block=False)
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None
+
+
+def model_named(body: bytes) -> str | None:
+    """The `model` (or deprecated `name`) of a small JSON body, if it names one."""
+    try:
+        payload = json.loads(body or b"{}")
+    except ValueError:
+        return None
+    model = payload.get("model") or payload.get("name") if isinstance(payload, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def parse_request(body: bytes) -> tuple[dict | None, Response | None]:
@@ -97,6 +121,26 @@ def parse_request(body: bytes) -> tuple[dict | None, Response | None]:
     return payload, None
 
 
+def estimate_input_tokens(payload: dict) -> float:
+    """Input tokens guessed from the text sent; kept low so corrections rarely go down."""
+    texts = [payload.get(k) for k in ("prompt", "system", "suffix", "input")]
+    texts += [m.get("content") for m in payload.get("messages") or () if isinstance(m, dict)]
+    chars = sum(len(t) for t in texts if isinstance(t, str))
+    chars += sum(len(s) for t in texts if isinstance(t, list) for s in t if isinstance(s, str))
+    return chars / CHARS_PER_TOKEN
+
+
+def ask_for_usage(path: str, payload: dict, body: bytes) -> tuple[bytes, bool]:
+    """Make a streamed OpenAI call report its token usage; True if the client did not ask."""
+    if path not in USAGE_PATHS or not payload.get("stream"):
+        return body, False
+    options = payload.get("stream_options") or {}
+    if options.get("include_usage"):
+        return body, False
+    payload["stream_options"] = {**options, "include_usage": True}
+    return json.dumps(payload).encode(), True
+
+
 def serve_queued(path: str) -> Response:
     """Queue the request fairly, wait for a slot, then stream the backend's answer."""
     body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH raises 413 here
@@ -107,30 +151,64 @@ def serve_queued(path: str) -> Response:
     queue = dispatcher()
     if not queue.pool.has_model(model):
         return json_error(404, f"model '{payload['model']}' not found, try pulling it first")
+    body, strip_usage = ask_for_usage(path, payload, body)
     try:
-        ticket = queue.submit(user_of(), model, path, len(body) / BYTES_PER_TOKEN)
+        ticket = queue.submit(user_of(), model, path, estimate_input_tokens(payload))
     except QueueFull as exc:
         return json_error(exc.status, str(exc), exc.retry_after)
     except UserBlocked as exc:
         return json_error(403, str(exc))
     watch = ClientWatch(request.environ, lambda: queue.abandon(ticket))
-    if not ticket.wait():
+    upstream = _dispatch(ticket, queue, path, body)
+    if isinstance(upstream, Response):
         watch.stop()
-        return json_error(410, "the request was cancelled while it was queued")
-    response = _open(ticket.backend, path, body, ticket, queue)
+        return upstream
+    response = _response(upstream, ticket, f"{path} via {ticket.backend.name}", strip_usage)
     response.headers["X-Queue-Wait-Ms"] = f"{ticket.wait_ms:.1f}"
     response.call_on_close(watch.stop)
     response.call_on_close(lambda: queue.release(ticket))
     return response
 
 
-def serve_direct(path: str, body: bytes | None = None) -> Response:
+def _dispatch(ticket: Ticket, queue: Dispatcher, path: str, body: bytes) -> RelayedOrError:
+    """Wait for a slot and open the backend call.
+
+    A busy backend (503), or one that refuses the connection while another is healthy,
+    sends the ticket back to the head of its user's queue: nothing was sent yet.
+    """
+    for _ in range(RETRIES):
+        if not ticket.wait():
+            return json_error(410, "the request was cancelled while it was queued")
+        backend = ticket.backend
+        upstream = _connect(backend, path, body)
+        if isinstance(upstream, HTTPResponse) and upstream.status != 503:
+            return upstream
+        if isinstance(upstream, HTTPResponse):
+            upstream.close()
+            log.info("backend %s is busy; a request of %s waits again", backend.name, ticket.user)
+            queue.requeue(ticket, current_app.config["BUSY_RETRY_S"])
+        elif backend.is_up or not any(b.is_up for b in queue.pool):
+            ticket.failed = True
+            queue.release(ticket)
+            return upstream
+        else:
+            queue.requeue(ticket, rest_s=0)  # it was just marked down; others are healthy
+    queue.abandon(ticket)
+    return json_error(503, "no backend could take the request", retry_after=1)
+
+
+def serve_direct(path: str, body: bytes | None = None, model: str | None = None) -> Response:
     """Relay a call that needs no slot (metadata, uploads, model management) both ways.
 
-    The request body is streamed from the client unless the caller has already read it.
+    It goes to a healthy backend that has `model`, if one is named. The request body is
+    streamed from the client unless the caller has already read it.
     """
     sent = body if body is not None else _streamed_body()
-    return _open(dispatcher().pool.first_up(), path, sent, None, dispatcher())
+    backend = dispatcher().pool.backend_for(model)
+    upstream = _connect(backend, path, sent)
+    if isinstance(upstream, Response):
+        return upstream
+    return _response(upstream, None, f"{path} via {backend.name}")
 
 
 def _streamed_body() -> SizedStream | Iterator[bytes] | None:
@@ -143,52 +221,58 @@ def _streamed_body() -> SizedStream | Iterator[bytes] | None:
     return None
 
 
-def _open(backend: Backend, path: str, body, ticket: Ticket | None, queue: Dispatcher) -> Response:
-    """Open the backend call; a failure before the first byte is a JSON error."""
+def _connect(backend: Backend, path: str, body) -> RelayedOrError:
+    """Send the request; a failure before the first byte is a JSON 502 or 504."""
     target = path + ("?" + request.query_string.decode() if request.query_string else "")
     headers = request_headers(request.headers.items())
     try:
-        upstream = open_stream(backend, request.method, target, body, headers, timeouts())
-    except requests.Timeout as exc:
-        return _fail(ticket, queue, 504, f"backend {backend.name} did not answer in time: {exc}")
-    except requests.RequestException as exc:
+        return open_stream(backend, request.method, target, body, headers, timeouts())
+    except ReadTimeoutError as exc:
+        return json_error(504, f"backend {backend.name} did not answer in time: {exc}")
+    except STREAM_ERRORS as exc:
         backend.mark_down(str(exc))
-        queue.wake()
-        return _fail(ticket, queue, 502, f"backend {backend.name} is unreachable: {exc}")
+        dispatcher().wake()
+        return json_error(502, f"backend {backend.name} is unreachable: {exc}")
+
+
+def _response(
+    upstream: HTTPResponse, ticket: Ticket | None, label: str, strip_usage: bool = False
+) -> Response:
+    """Stream the backend's answer to the client, watching it for the ticket."""
+    is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+    chunks = iter_body(upstream)
     if ticket is not None:
         ticket.on_abandon = upstream.close
-        ticket.failed = upstream.status_code >= 400
-    is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-    label = f"{request.method} {path} via {backend.name}"
-    chunks = relay(upstream, ticket, is_sse, label)
-    response = Response(chunks, upstream.status_code, response_headers(upstream.headers.items()))
+        ticket.failed = upstream.status >= 400
+        chunks = observe(chunks, ticket, is_sse)
+    if strip_usage:
+        chunks = drop_usage_events(chunks)
+    body = relay(chunks, ticket, is_sse, label)
+    response = Response(body, upstream.status, response_headers(upstream.headers.items()))
     response.call_on_close(upstream.close)
     return response
 
 
-def _fail(ticket: Ticket | None, queue: Dispatcher, status: int, message: str) -> Response:
-    if ticket is not None:
-        ticket.failed = True
-        queue.release(ticket)
-    return json_error(status, message)
+def observe(chunks: Iterator[bytes], ticket: Ticket, is_sse: bool) -> Iterator[bytes]:
+    """Count records as they pass; read the backend's token counts from the end."""
+    separator = b"\n\n" if is_sse else b"\n"
+    tail = b""
+    for chunk in chunks:
+        ticket.records += chunk.count(separator)
+        tail = (tail + chunk)[-TAIL_BYTES:]
+        yield chunk
+    ticket.tokens_in, ticket.tokens_out = token_counts(tail)
 
 
 def relay(
-    upstream: requests.Response, ticket: Ticket | None, is_sse: bool, label: str
+    chunks: Iterator[bytes], ticket: Ticket | None, is_sse: bool, label: str
 ) -> Iterator[bytes]:
-    """Yield the backend's chunks as they arrive, noting progress on the ticket."""
-    tail = b""
+    """Yield chunks as they arrive; a broken stream ends with an error record."""
     try:
-        for chunk in iter_body(upstream):
-            if ticket is not None:
-                ticket.records += chunk.count(b"\n")
-                tail = (tail + chunk)[-TAIL_BYTES:]
-            yield chunk
+        yield from chunks
     except STREAM_ERRORS as exc:
         message = f"backend stream failed: {exc}"
         log.warning("%s: %s", label, message)
         if ticket is not None:
             ticket.failed = True
         yield error_record(message, is_sse)
-    if ticket is not None:
-        ticket.tokens_in, ticket.tokens_out = token_counts(tail)

@@ -1,0 +1,123 @@
+"""The admin's JSON API (`/admin/api/...`): what the pages show, and the operators' actions.
+
+Scripts authenticate with `Authorization: Bearer <password>`; the pages' own forms post here
+with their session and CSRF token, and a plain form post is redirected back to its page.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify, redirect, request, url_for
+
+from . import views
+from .auth import check_csrf, is_admin, is_failed_attempt, local_target, login_limit, refusal
+from .errors import json_error
+from .extensions import limiter
+from .pulls import JobView, PullService
+
+bp = Blueprint("admin_api", __name__, url_prefix="/admin/api")
+limiter.limit(login_limit, deduct_when=is_failed_attempt)(bp)  # wrong Bearer passwords
+
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+@bp.before_request
+def guard() -> Response | None:
+    """Only the admin gets in; POSTs from a session need its CSRF token."""
+    if not is_admin():
+        return refusal()
+    check_csrf()
+    return None
+
+
+def done(message: str, status: int = 200, **extra: object) -> Response:
+    """An action's answer: JSON, or back to the page for a browser's plain form post."""
+    if request.mimetype in FORM_TYPES:
+        return redirect(local_target(request.referrer, url_for("admin.overview")), 303)
+    response = jsonify(status="ok", message=message, **extra)
+    response.status_code = status
+    return response
+
+
+@bp.get("/overview")
+def overview() -> Response:
+    """Version, uptime, fairness, totals, backends, throughput per minute."""
+    return jsonify(views.overview_data())
+
+
+@bp.get("/users")
+def users() -> Response:
+    """Every user seen; `?sort=<column>&order=desc` to sort."""
+    descending = request.args.get("order") == "desc"
+    return jsonify(views.users_data(request.args.get("sort", "user"), descending))
+
+
+@bp.get("/queue")
+def queue() -> Response:
+    """Waiting requests in grant order, and the ones streaming now."""
+    return jsonify(views.queue_data())
+
+
+@bp.get("/downloads")
+def downloads() -> Response:
+    """Download jobs, counts by status, the next scheduled run."""
+    return jsonify(views.downloads_data())
+
+
+@bp.get("/settings")
+def settings() -> Response:
+    """The effective configuration, secrets masked."""
+    return jsonify(views.settings_data())
+
+
+@bp.post("/users/<path:user>/<any(block, unblock):action>")
+def block(user: str, action: str) -> Response:
+    """Block a user (new requests get 403) or unblock them; the choice survives restarts."""
+    if user not in {u.user for u in views.dispatcher().snapshot().users}:
+        return json_error(404, f"unknown user {user!r}")
+    current_app.extensions["ollamamq.users"].update(user, blocked=action == "block")
+    return done(f"user {user} {action}ed", user=user, blocked=action == "block")
+
+
+@bp.post("/queue/<int:ticket_id>/cancel")
+def cancel_request(ticket_id: int) -> Response:
+    """Withdraw a waiting request; its client gets 410."""
+    if not views.dispatcher().cancel(ticket_id):
+        return json_error(404, f"request {ticket_id} is not waiting")
+    return done(f"request {ticket_id} cancelled", id=ticket_id)
+
+
+@bp.post("/downloads/process")
+def process_all() -> Response:
+    """Start every pending download now."""
+    service = views.pulls()
+    pending = [job.id for job in service.pending()]
+    service.process()
+    return done(f"processing {len(pending)} pending downloads", 202, jobs=pending)
+
+
+def process_one(service: PullService, job: JobView) -> bool:
+    """Start one pending job now."""
+    if job.status != "pending":
+        return False
+    service.process([job.id])
+    return True
+
+
+JOB_ACTIONS = {
+    "process": process_one,
+    "cancel": lambda service, job: service.cancel(job.id),
+    "retry": lambda service, job: service.retry(job.id),
+    "remove": lambda service, job: service.remove(job.id),
+}
+
+
+@bp.post("/downloads/<int:job_id>/<any(process, cancel, retry, remove):action>")
+def job_action(job_id: int, action: str) -> Response:
+    """Process, cancel, retry or remove one job: 404 if unknown, 409 if its status forbids."""
+    service = views.pulls()
+    job = service.get(job_id)
+    if job is None:
+        return json_error(404, f"no download job {job_id}")
+    if not JOB_ACTIONS[action](service, job):
+        return json_error(409, f"cannot {action} job {job_id}: it is {job.status}")
+    return done(f"job {job_id}: {action} done", id=job_id)

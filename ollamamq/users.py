@@ -1,0 +1,56 @@
+"""Per-user standing orders (weight, VIP, blocked): from the config file and the database."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+
+from .dispatcher import Dispatcher
+from .extensions import db
+from .models import UserSetting
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("weight", "vip", "blocked")
+
+
+class UserSettings:
+    """Keeps the dispatcher's view of each user in step with the database."""
+
+    def __init__(self, dispatcher: Dispatcher, from_config: dict[str, dict[str, Any]]) -> None:
+        self.dispatcher = dispatcher
+        self.from_config = from_config
+
+    def load(self) -> None:
+        """Apply the config file's users, then what operators changed at runtime (it wins)."""
+        for user, values in self.from_config.items():
+            self._apply(user, **{k: v for k, v in values.items() if k in FIELDS})
+        for row in db.session.scalars(select(UserSetting)):
+            self._apply(row.user, row.weight, row.vip, row.blocked)
+
+    def update(self, user: str, **changes: Any) -> UserSetting:
+        """Change a user's weight, vip or blocked flag, now and after restarts."""
+        unknown = set(changes) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"unknown user settings: {', '.join(sorted(unknown))}")
+        if "weight" in changes and not float(changes["weight"]) > 0:
+            raise ValueError("weight must be a positive number")
+        row = db.session.get(UserSetting, user) or self._current(user)
+        for name, value in changes.items():
+            setattr(row, name, float(value) if name == "weight" else bool(value))
+        db.session.add(row)
+        db.session.commit()
+        self._apply(user, row.weight, row.vip, row.blocked)
+        log.info("user %s: weight %s, vip %s, blocked %s", user, row.weight, row.vip, row.blocked)
+        return row
+
+    def _current(self, user: str) -> UserSetting:
+        account = self.dispatcher.queue.account(user)
+        return UserSetting(
+            user=user, weight=account.weight, vip=account.is_vip, blocked=account.is_blocked
+        )
+
+    def _apply(self, user: str, weight: float = 1.0, vip: bool = False, blocked: bool = False):
+        self.dispatcher.configure_user(user, float(weight), bool(vip), bool(blocked))

@@ -25,3 +25,9 @@ db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
 limiter = Limiter(client_address)  # storage comes from RATELIMIT_STORAGE_URI per app
 csrf = CSRFProtect()  # checks only what auth.py asks it to (WTF_CSRF_CHECK_DEFAULT off)
+
+
+@limiter.request_filter
+def _not_admin() -> bool:
+    """Per-request limits guard only the admin: proxy traffic skips the checks entirely."""
+    return not (request.blueprint or "").startswith("admin")

@@ -96,7 +96,7 @@ class FairQueue:
         self._backlogged: dict[str, None] = {}  # users with waiting requests, by arrival
         self._size = 0
         self._turn = 0  # grants so far
-        self._last_counter = 0.0  # counter of the last user to leave the backlog
+        self._last_user: str | None = None  # the last user to leave the backlog
 
     def __len__(self) -> int:
         return self._size
@@ -138,7 +138,7 @@ class FairQueue:
         acct.queue.remove(item)
         self._size -= 1
         if not acct.queue:
-            self._leave_backlog(item.user, acct)
+            self._leave_backlog(item.user)
         return True
 
     def grant(self, backends: Sequence[BackendView]) -> tuple[Waiting, int] | None:
@@ -182,18 +182,18 @@ class FairQueue:
         acct.last_grant = self._turn
         self._turn += 1
         if not acct.queue:
-            self._leave_backlog(user, acct)
+            self._leave_backlog(user)
         return item
 
     def _join_backlog(self, user: str, acct: UserAccount) -> None:
         """A user becoming active is lifted so that idle time is not banked (VTC)."""
         if self._backlogged:
             floor = min(self.accounts[u].counter for u in self._backlogged)
-        else:
-            floor = self._last_counter
+        else:  # its counter as of now: charges of its last requests included
+            floor = self.accounts[self._last_user].counter if self._last_user else 0.0
         acct.counter = max(acct.counter, floor)
         self._backlogged[user] = None
 
-    def _leave_backlog(self, user: str, acct: UserAccount) -> None:
+    def _leave_backlog(self, user: str) -> None:
         del self._backlogged[user]
-        self._last_counter = acct.counter
+        self._last_user = user

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ollamamq.fairshare import BackendView, FairQueue, Waiting, normalize_model, pick_backend
 
@@ -102,3 +104,119 @@ def test_down_backends_are_used_only_when_no_healthy_one_has_the_model():
 def test_unknown_fairness_mode_is_refused():
     with pytest.raises(ValueError):
         FairQueue("lottery")
+
+
+# -- "tokens": the Virtual Token Counter -------------------------------------------------------
+
+
+def serve(queue: FairQueue, costs: dict[str, tuple[int, int]], rounds: int) -> list[str]:
+    """Grant and complete one request at a time; `costs` gives each user's (in, out) tokens."""
+    order = []
+    for _ in range(rounds):
+        item, _index = queue.grant(ONE_SLOT)
+        order.append(item.user)
+        queue.complete(item.user, item.estimate, *costs[item.user])
+    return order
+
+
+def backlog(queue: FairQueue, user: str, count: int, estimate: float = 0.0) -> None:
+    for _ in range(count):
+        queue.push(Waiting(user, None, estimate))
+
+
+def test_least_served_user_goes_next():
+    queue = FairQueue("tokens", output_weight=2)
+    backlog(queue, "heavy", 20)
+    backlog(queue, "light", 20)
+    order = serve(queue, {"heavy": (10, 100), "light": (10, 10)}, rounds=12)
+    assert order.count("light") == 10 and order.count("heavy") == 2
+    assert abs(queue.service("heavy") - queue.service("light")) <= 210
+
+
+def test_estimate_is_charged_at_grant_and_corrected_on_completion():
+    queue = FairQueue("tokens", output_weight=2)
+    queue.push(Waiting("a", None, estimate=50))
+    item, _ = queue.grant(ONE_SLOT)
+    assert queue.service("a") == 50
+    queue.complete("a", item.estimate, input_tokens=30, output_tokens=10)
+    assert queue.service("a") == 30 + 2 * 10
+
+
+def test_returning_user_is_lifted_to_the_least_backlogged_counter():
+    queue = FairQueue("tokens")
+    backlog(queue, "busy", 10)
+    serve(queue, {"busy": (100, 0)}, rounds=5)
+    backlog(queue, "newcomer", 3)
+    assert queue.service("newcomer") == queue.service("busy") == 500
+    order = serve(queue, {"busy": (100, 0), "newcomer": (100, 0)}, rounds=4)
+    assert order == ["newcomer", "busy", "newcomer", "busy"]  # no banked idle time
+
+
+def test_user_that_left_keeps_its_counter_when_nobody_waits():
+    queue = FairQueue("tokens")
+    backlog(queue, "a", 1)
+    serve(queue, {"a": (100, 0)}, rounds=1)
+    backlog(queue, "b", 1)
+    assert queue.service("b") == 100  # lifted to the last counter, not to zero
+
+
+def test_weight_two_gets_twice_the_service():
+    queue = FairQueue("tokens")
+    queue.account("gold").weight = 2
+    backlog(queue, "gold", 30)
+    backlog(queue, "plain", 30)
+    order = serve(queue, {"gold": (10, 0), "plain": (10, 0)}, rounds=30)
+    assert order.count("gold") == 20 and order.count("plain") == 10
+
+
+def test_vip_goes_first_whatever_its_counter():
+    for fairness in ("tokens", "requests"):
+        queue = FairQueue(fairness)
+        backlog(queue, "crowd", 5)
+        queue.account("boss").is_vip = True
+        backlog(queue, "boss", 3)
+        order = serve(queue, {"crowd": (1, 1), "boss": (1000, 1000)}, rounds=5)
+        assert order == ["boss", "boss", "boss", "crowd", "crowd"]
+
+
+def test_ties_go_to_the_user_granted_longest_ago():
+    queue = FairQueue("tokens")
+    for user in "abc":
+        backlog(queue, user, 2)
+    order = serve(queue, {u: (0, 0) for u in "abc"}, rounds=6)
+    assert order == list("abcabc")
+
+
+def test_requeued_item_goes_back_to_the_head_with_its_charge_refunded():
+    queue = FairQueue("tokens")
+    first, second = Waiting("a", None, 40), Waiting("a", None, 40)
+    queue.push(first)
+    queue.push(second)
+    item, _ = queue.grant(ONE_SLOT)
+    queue.requeue(item)
+    assert queue.service("a") == 0 and len(queue) == 2
+    assert queue.grant(ONE_SLOT)[0] is first
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    costs=st.lists(st.tuples(st.integers(0, 500), st.integers(0, 500)), min_size=2, max_size=80),
+    weights=st.tuples(st.sampled_from([1.0, 2.0, 3.0]), st.sampled_from([1.0, 2.0, 3.0])),
+    estimates=st.lists(st.integers(0, 300), min_size=1, max_size=10),
+)
+def test_two_backlogged_users_service_stays_within_one_request(costs, weights, estimates):
+    """VTC's bound: weighted service of always-backlogged users differs by at most one request."""
+    queue = FairQueue("tokens", output_weight=2)
+    queue.account("a").weight, queue.account("b").weight = weights
+    served = {"a": 0.0, "b": 0.0}
+    pushed = 0
+    for user in "ab":
+        for _ in range(len(costs)):
+            queue.push(Waiting(user, None, estimates[pushed % len(estimates)]))
+            pushed += 1
+    for n, (tokens_in, tokens_out) in enumerate(costs):
+        item, _ = queue.grant(ONE_SLOT)
+        queue.complete(item.user, item.estimate, tokens_in, tokens_out)
+        served[item.user] += (tokens_in + 2 * tokens_out) / queue.account(item.user).weight
+        biggest = max(i + 2 * o for i, o in costs[: n + 1]) / min(weights)
+        assert abs(served["a"] - served["b"]) <= biggest + max(estimates) / min(weights)

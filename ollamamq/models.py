@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Index, String, Text, text
+from sqlalchemy import BigInteger, Index, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .extensions import db
@@ -47,8 +47,8 @@ class PullJob(db.Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
-    completed_bytes: Mapped[int] = mapped_column(default=0)
-    total_bytes: Mapped[int] = mapped_column(default=0)
+    completed_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # models pass 2 GiB
+    total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
 

@@ -293,31 +293,50 @@ class PullService:
 
     def _download(self, job_id: int) -> None:
         with self.app.app_context():
-            job = db.session.get(PullJob, job_id)
-            attempts = self.app.config["PULL_ATTEMPTS"]
-            delay = self.app.config["PULL_RETRY_DELAY"]
-            while job.status == DOWNLOADING:
-                job.attempts += 1
-                db.session.commit()
-                try:
-                    self._pull_everywhere(job)
-                except PullFailed as exc:
-                    db.session.refresh(job)
-                    self._failed_attempt(job, str(exc), is_last=job.attempts >= attempts)
-                    if job.status == DOWNLOADING:
-                        gevent.sleep(delay * 2 ** (job.attempts - 1))
-                    continue
-                job.status, job.finished_at = COMPLETED, utcnow()
-                db.session.commit()
-                log.info("downloaded %s (job %d)", job.model, job.id)
-            self._publish(
-                job.id,
-                {"status": "success"}
-                if job.status == COMPLETED
-                else {"error": job.last_error or f"download {job.status}"},
-            )
-            self._publish(job.id, _END)
+            try:
+                job = self._attempt_until_done(job_id)
+                ending = (
+                    {"status": "success"}
+                    if job.status == COMPLETED
+                    else {"error": job.last_error or f"download {job.status}"}
+                )
+            except Exception as exc:  # a database or programming error must not strand the job
+                log.exception("download job %d broke", job_id)
+                db.session.rollback()
+                self._mark(job_id, FAILED, f"internal error: {exc}")
+                ending = {"error": f"internal error: {exc}"}
+            self._publish(job_id, ending)
+            self._publish(job_id, _END)
             self.pool.check_all()  # the new model is now routable
+
+    def _attempt_until_done(self, job_id: int) -> PullJob:
+        """Pull until success, cancellation, or the last attempt failed."""
+        job = db.session.get(PullJob, job_id)
+        attempts = self.app.config["PULL_ATTEMPTS"]
+        delay = self.app.config["PULL_RETRY_DELAY"]
+        while job.status == DOWNLOADING:
+            job.attempts += 1
+            db.session.commit()
+            try:
+                self._pull_everywhere(job)
+            except PullFailed as exc:
+                db.session.refresh(job)
+                self._failed_attempt(job, str(exc), is_last=job.attempts >= attempts)
+                if job.status == DOWNLOADING:
+                    gevent.sleep(delay * 2 ** (job.attempts - 1))
+                continue
+            job.status, job.finished_at = COMPLETED, utcnow()
+            db.session.commit()
+            log.info("downloaded %s (job %d)", job.model, job.id)
+        return job
+
+    def _mark(self, job_id: int, status: str, error: str) -> None:
+        db.session.execute(
+            update(PullJob)
+            .where(PullJob.id == job_id)
+            .values(status=status, last_error=error, finished_at=utcnow())
+        )
+        db.session.commit()
 
     def _failed_attempt(self, job: PullJob, error: str, is_last: bool) -> None:
         if job.status == CANCELLED:

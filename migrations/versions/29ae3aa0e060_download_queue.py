@@ -27,8 +27,8 @@ def upgrade():
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('started_at', sa.DateTime(), nullable=True),
     sa.Column('finished_at', sa.DateTime(), nullable=True),
-    sa.Column('completed_bytes', sa.Integer(), nullable=False),
-    sa.Column('total_bytes', sa.Integer(), nullable=False),
+    sa.Column('completed_bytes', sa.BigInteger(), nullable=False),
+    sa.Column('total_bytes', sa.BigInteger(), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('last_error', sa.Text(), nullable=True),
     sa.PrimaryKeyConstraint('id')

@@ -191,23 +191,23 @@ class Dispatcher:
 
     def abandon(self, ticket: Ticket) -> None:
         """The client went away: drop a waiting ticket, or cut an active one's stream."""
-        if ticket.state == WAITING and self.queue.remove(ticket.item):
-            ticket.state = CANCELLED
-            self._stats(ticket.user).cancelled += 1
-            ticket.granted.set()
-            log.info("user %s left while queued for %s", ticket.user, ticket.path)
+        if ticket.state == WAITING:
+            self._drop_waiting(ticket, "left while queued")
         elif ticket.state == ACTIVE and ticket.on_abandon is not None:
             ticket.on_abandon()
 
     def cancel(self, ticket_id: int) -> bool:
         """An operator withdraws a waiting request; False if it is not waiting."""
         ticket = next((t for t in self._waiting() if t.id == ticket_id), None)
-        if ticket is None or not self.queue.remove(ticket.item):
+        return ticket is not None and self._drop_waiting(ticket, "cancelled by an operator")
+
+    def _drop_waiting(self, ticket: Ticket, reason: str) -> bool:
+        if not self.queue.remove(ticket.item):
             return False
         ticket.state = CANCELLED
         self._stats(ticket.user).cancelled += 1
         ticket.granted.set()
-        log.info("operator cancelled a queued request of user %s", ticket.user)
+        log.info("a request of user %s for %s was %s", ticket.user, ticket.path, reason)
         return True
 
     def configure_user(self, user: str, weight: float, vip: bool, blocked: bool) -> None:

@@ -28,7 +28,7 @@ def pulls() -> PullService:
 def answer(record: dict, stream: bool, status: int = 200) -> Response:
     """One record in Ollama's pull dialect: an NDJSON line when streaming, else JSON."""
     if stream:
-        return Response(json.dumps(record) + "\n", status, mimetype=NDJSON)
+        return Response(json.dumps(record, separators=(",", ":")) + "\n", status, mimetype=NDJSON)
     response = jsonify(record)
     response.status_code = status
     return response

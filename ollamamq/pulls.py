@@ -258,7 +258,7 @@ class PullService:
             for record in inbox:
                 if record is _END:
                     return
-                yield json.dumps(record).encode() + b"\n"
+                yield json.dumps(record, separators=(",", ":")).encode() + b"\n"
         finally:
             self._watchers[job_id].remove(inbox)
             if not self._watchers[job_id]:

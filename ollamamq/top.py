@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import select
+import signal
 import sys
 import termios
 import time
@@ -16,6 +17,7 @@ from datetime import datetime
 from functools import partial
 from typing import IO, Any
 
+import gevent
 import requests
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -206,6 +208,14 @@ def sparkline(values: list[int]) -> str:
 # Rendering
 
 
+def new_table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = ()) -> Table:
+    """A full-width table titled on its left; numbers in `right` columns line up."""
+    table = Table(title=title, title_justify="left", expand=True)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left")
+    return table
+
+
 def status_bar(state: TopState) -> Text:
     """The top line: where we look, when we last heard, or what went wrong."""
     bar = Text(f"ollamamq top · {state.url}", style="bold")
@@ -263,11 +273,8 @@ def overview_panel(overview: Json) -> Panel:
 
 def users_table(state: TopState) -> Table:
     """One row per user; the selected one is highlighted."""
-    table = Table(title="users", title_justify="left", expand=True)
-    for column in ("user", "waiting", "active", "served", "tokens in", "tokens out"):
-        table.add_column(column, justify="left" if column == "user" else "right")
-    for column in ("avg wait", "p95 wait", ""):
-        table.add_column(column, justify="right")
+    numbers = ("waiting", "active", "served", "tokens in", "tokens out", "avg wait", "p95 wait")
+    table = new_table("users", ("user", *numbers, ""), right=numbers)
     users = state.users.get("users", [])
     selected = min(state.selected, len(users) - 1)
     for i, u in enumerate(users):
@@ -284,21 +291,23 @@ def users_table(state: TopState) -> Table:
     return table
 
 
+def who(request: Json) -> tuple[str, str, str]:
+    """User, model and path of a queued request."""
+    return request.get("user", ""), request.get("model", ""), request.get("path", "")
+
+
 def requests_table(queue: Json) -> Table:
     """Requests on a backend, then those waiting, oldest first."""
     active, waiting = queue.get("active", []), queue.get("waiting", [])
     title = f"requests: {len(active)} active, {len(waiting)} waiting"
-    table = Table(title=title, title_justify="left", expand=True)
-    for column in ("", "user", "model", "path", "where", "time", "tokens"):
-        table.add_column(column, justify="right" if column in ("time", "tokens") else "left")
+    columns = ("", "user", "model", "path", "where", "time", "tokens")
+    table = new_table(title, columns, right=("time", "tokens"))
     for r in active:
-        row = (r.get("user", ""), r.get("model", ""), r.get("path", ""), r.get("backend", ""))
-        table.add_row(
-            Text("▶ active", "green"), *row, duration(r.get("seconds")), count(r.get("tokens"))
-        )
+        where, tokens = r.get("backend", ""), count(r.get("tokens"))
+        table.add_row(Text("▶ active", "green"), *who(r), where, duration(r.get("seconds")), tokens)
     for r in waiting:
-        row = (r.get("user", ""), r.get("model", ""), r.get("path", ""), f"#{r.get('position')}")
-        table.add_row(Text("… waiting", "yellow"), *row, duration(r.get("seconds")), "")
+        where = f"#{r.get('position')}"
+        table.add_row(Text("… waiting", "yellow"), *who(r), where, duration(r.get("seconds")), "")
     return table
 
 
@@ -307,9 +316,8 @@ def downloads_table(downloads: Json) -> Table:
     window = "open" if downloads.get("window_open") else "closed"
     busy = " · processing" if downloads.get("processing") else ""
     title = f"downloads: next run {clock(downloads.get('next_run'))} · window {window}{busy}"
-    table = Table(title=title, title_justify="left", expand=True)
-    for column in ("model", "status", "progress", "%", "attempts", "last error"):
-        table.add_column(column, justify="right" if column in ("%", "attempts") else "left")
+    columns = ("model", "status", "progress", "%", "attempts", "last error")
+    table = new_table(title, columns, right=("%", "attempts"))
     for job in downloads.get("jobs", []):
         percent = float(job.get("percent") or 0)
         table.add_row(
@@ -337,21 +345,31 @@ def render(state: TopState) -> RenderableType:
     return Group(*parts)
 
 
-def main(url: str, password: str | None, interval: float) -> int:
-    """Refresh every `interval` seconds until q, Esc or Ctrl-C."""
-    url = url.rstrip("/")
-    password = password or os.environ.get("OLLAMAMQ_ADMIN_PASSWORD", "")
+def run(url: str, password: str, interval: float) -> None:
+    """Fetch every `interval` seconds and redraw after each tick or key, until quit."""
     state, due = TopState(url=url), 0.0
-    live = Live(console=Console(), screen=True, auto_refresh=False)
+    live = Live(render(state), console=Console(), screen=True, auto_refresh=False)
+    with make_session(password) as session, keyboard(sys.stdin) as wait_for_keys, live:
+        while not state.quit:
+            if time.monotonic() >= due:
+                state = fetch(session, url, state)
+                due = time.monotonic() + interval
+            live.update(render(state), refresh=True)
+            for key in wait_for_keys(max(due - time.monotonic(), 0)):
+                state = handle_key(state, key)
+
+
+def main(url: str, password: str | None, interval: float) -> int:
+    """`ollamamq top`: run until q, Esc or Ctrl-C."""
+    password = password or os.environ.get("OLLAMAMQ_ADMIN_PASSWORD", "")
+    # Ctrl-C lands in gevent's hub, which would print it; raise it here so every `with` unwinds.
+    sigint = gevent.signal_handler(
+        signal.SIGINT, gevent.kill, gevent.getcurrent(), KeyboardInterrupt
+    )
     try:
-        with make_session(password) as session, keyboard(sys.stdin) as wait_for_keys, live:
-            while not state.quit:
-                if time.monotonic() >= due:
-                    state = fetch(session, url, state)
-                    due = time.monotonic() + interval
-                live.update(render(state), refresh=True)
-                for key in wait_for_keys(max(due - time.monotonic(), 0)):
-                    state = handle_key(state, key)
+        run(url.rstrip("/"), password, interval)
     except KeyboardInterrupt:
         pass
+    finally:
+        sigint.cancel()
     return 0

@@ -56,17 +56,20 @@ class Ticket:
         "tokens_in",
         "tokens_out",
         "failed",
+        "abandoned",
         "on_abandon",
     )
 
     _ids = itertools.count(1)
 
-    def __init__(self, user: str, model: str | None, path: str, estimate: float) -> None:
+    def __init__(
+        self, user: str, model: str | None, path: str, estimate: float, max_output: int | None
+    ) -> None:
         self.id = next(Ticket._ids)
         self.user = user
         self.model = model
         self.path = path
-        self.item = Waiting(user, model, estimate, self)
+        self.item = Waiting(user, model, estimate, max_output, self)
         self.granted = Event()
         self.backend: Backend | None = None
         self.state = WAITING
@@ -76,6 +79,7 @@ class Ticket:
         self.tokens_in = 0  # the backend's own counts, once its final record is seen
         self.tokens_out = 0
         self.failed = False  # an error status or a broken stream: counted as an error
+        self.abandoned = False  # the client hung up while it was being served
         self.on_abandon: Callable[[], None] | None = None
 
     @property
@@ -177,13 +181,20 @@ class Dispatcher:
         """Ask the dispatcher greenlet to look for grants (a slot or a backend changed)."""
         self._wake.set()
 
-    def submit(self, user: str, model: str | None, path: str, estimate: float = 0.0) -> Ticket:
+    def submit(
+        self,
+        user: str,
+        model: str | None,
+        path: str,
+        estimate: float = 0.0,
+        max_output: int | None = None,
+    ) -> Ticket:
         """Queue a request behind its user's others; raises QueueFull or UserBlocked."""
         account = self.queue.account(user)
         if account.is_blocked:
             raise UserBlocked(f"user {user!r} is blocked")
         self._check_room(user)
-        ticket = Ticket(user, model, path, estimate)
+        ticket = Ticket(user, model, path, estimate, max_output)
         self.queue.push(ticket.item)
         self._stats(user).last_seen = time.time()
         self._wake.set()
@@ -194,6 +205,7 @@ class Dispatcher:
         if ticket.state == WAITING:
             self._drop_waiting(ticket, "left while queued")
         elif ticket.state == ACTIVE and ticket.on_abandon is not None:
+            ticket.abandoned = True
             ticket.on_abandon()
 
     def cancel(self, ticket_id: int) -> bool:
@@ -249,7 +261,7 @@ class Dispatcher:
         elapsed = time.monotonic() - ticket.started_at
         self._service_s += 0.2 * (elapsed - self._service_s)
         self._count(ticket)
-        self.queue.complete(ticket.user, ticket.item.estimate, ticket.tokens_in, ticket.tokens_out)
+        self.queue.complete(ticket.user, ticket.item.charged, ticket.tokens_in, ticket.tokens_out)
         if not ticket.failed and ticket.model:
             ticket.backend.loaded |= {ticket.model}  # Ollama keeps it loaded for a while
         self._wake.set()
@@ -373,6 +385,9 @@ class Dispatcher:
     def _count(self, ticket: Ticket) -> None:
         stats = self._stats(ticket.user)
         stats.last_seen = time.time()
+        if ticket.abandoned:
+            stats.cancelled += 1
+            return
         if ticket.failed:
             stats.errors += 1
             self.errors += 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FAIRNESS_MODES = ("tokens", "requests")
+OUTPUT_SMOOTHING = 0.3  # weight of the newest request in a user's mean output
 
 
 def normalize_model(name: str) -> str:
@@ -31,8 +32,10 @@ class Waiting:
 
     user: str
     model: str | None
-    estimate: float = 0.0  # input tokens guessed before dispatch, charged at grant
+    estimate: float = 0.0  # input tokens guessed before dispatch
+    max_output: int | None = None  # the client's output limit (num_predict, max_tokens)
     payload: Any = None
+    charged: float = 0.0  # what the grant charged: input estimate and expected output
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class UserAccount:
     is_vip: bool = False
     is_blocked: bool = False
     last_grant: int = -1  # grant number of this user's latest grant: the round-robin position
+    mean_output: float | None = None  # moving average of the user's output tokens per request
 
 
 def pick_backend(backends: Sequence[BackendView], model: str | None, turn: int = 0) -> int | None:
@@ -124,7 +128,7 @@ class FairQueue:
     def requeue(self, item: Waiting) -> None:
         """Put a granted item back at the head of its user's queue and refund its charge."""
         acct = self.account(item.user)
-        acct.counter -= item.estimate / acct.weight
+        acct.counter -= item.charged / acct.weight
         if not acct.queue:
             self._backlogged[item.user] = None
         acct.queue.appendleft(item)
@@ -150,12 +154,14 @@ class FairQueue:
                 return self._pop(user, acct), index
         return None
 
-    def complete(self, user: str, estimate: float, input_tokens: int, output_tokens: int) -> None:
-        """Replace the estimate charged at grant with the backend's own token counts."""
+    def complete(self, user: str, charged: float, input_tokens: int, output_tokens: int) -> None:
+        """Replace what the grant charged with the backend's own token counts."""
         acct = self.accounts.get(user)
         if acct is not None:
-            cost = input_tokens + self.output_weight * output_tokens - estimate
+            cost = input_tokens + self.output_weight * output_tokens - charged
             acct.counter += cost / acct.weight
+            previous = output_tokens if acct.mean_output is None else acct.mean_output
+            acct.mean_output = previous + OUTPUT_SMOOTHING * (output_tokens - previous)
 
     def service(self, user: str) -> float:
         """Weighted service counter of `user` (what "tokens" fairness equalizes)."""
@@ -178,12 +184,19 @@ class FairQueue:
     def _pop(self, user: str, acct: UserAccount) -> Waiting:
         item = acct.queue.popleft()
         self._size -= 1
-        acct.counter += item.estimate / acct.weight
+        item.charged = item.estimate + self.output_weight * self._expected_output(item, acct)
+        acct.counter += item.charged / acct.weight
         acct.last_grant = self._turn
         self._turn += 1
         if not acct.queue:
             self._leave_backlog(user)
         return item
+
+    @staticmethod
+    def _expected_output(item: Waiting, acct: UserAccount) -> float:
+        """Output charged in advance, so a long generation counts while it runs (not after)."""
+        expected = acct.mean_output or 0.0
+        return expected if item.max_output is None else min(expected, item.max_output)
 
     def _join_backlog(self, user: str, acct: UserAccount) -> None:
         """A user becoming active is lifted so that idle time is not banked (VTC)."""

@@ -23,6 +23,7 @@ from .upstream import (
     STREAM_ERRORS,
     TAIL_BYTES,
     SizedStream,
+    cut,
     drop_usage_events,
     error_record,
     iter_body,
@@ -130,6 +131,21 @@ def estimate_input_tokens(payload: dict) -> float:
     return chars / CHARS_PER_TOKEN
 
 
+def output_limit(path: str, payload: dict) -> int | None:
+    """The most output tokens the client allows (embeddings make none)."""
+    if "embed" in path:
+        return 0
+    options = payload.get("options") if isinstance(payload.get("options"), dict) else {}
+    for limit in (
+        options.get("num_predict"),
+        payload.get("max_completion_tokens"),
+        payload.get("max_tokens"),
+    ):
+        if isinstance(limit, int) and limit >= 0:
+            return limit
+    return None
+
+
 def ask_for_usage(path: str, payload: dict, body: bytes) -> tuple[bytes, bool]:
     """Make a streamed OpenAI call report its token usage; True if the client did not ask."""
     if path not in USAGE_PATHS or not payload.get("stream"):
@@ -153,7 +169,9 @@ def serve_queued(path: str) -> Response:
         return json_error(404, f"model '{payload['model']}' not found, try pulling it first")
     body, strip_usage = ask_for_usage(path, payload, body)
     try:
-        ticket = queue.submit(user_of(), model, path, estimate_input_tokens(payload))
+        ticket = queue.submit(
+            user_of(), model, path, estimate_input_tokens(payload), output_limit(path, payload)
+        )
     except QueueFull as exc:
         return json_error(exc.status, str(exc), exc.retry_after)
     except UserBlocked as exc:
@@ -242,7 +260,7 @@ def _response(
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     chunks = iter_body(upstream)
     if ticket is not None:
-        ticket.on_abandon = upstream.close
+        ticket.on_abandon = partial(cut, upstream)
         ticket.failed = upstream.status >= 400
         chunks = observe(chunks, ticket, is_sse)
     if strip_usage:
@@ -271,6 +289,9 @@ def relay(
     try:
         yield from chunks
     except STREAM_ERRORS as exc:
+        if ticket is not None and ticket.abandoned:
+            log.info("%s: the client left mid-stream; the backend call was cut", label)
+            return
         message = f"backend stream failed: {exc}"
         log.warning("%s: %s", label, message)
         if ticket is not None:

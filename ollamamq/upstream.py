@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 from collections.abc import Iterable, Iterator
 from typing import IO
 
@@ -110,6 +111,20 @@ def open_stream(
         decode_content=False,
         assert_same_host=False,
     )
+
+
+def cut(upstream: HTTPResponse) -> None:
+    """End a backend stream from outside the greenlet reading it.
+
+    shutdown() wakes that reader with an end of stream it handles as a broken stream;
+    closing the response here instead would pull its buffer from under the reader.
+    """
+    sock = getattr(upstream.connection, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
 
 
 def iter_body(upstream: HTTPResponse) -> Iterator[bytes]:

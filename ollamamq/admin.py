@@ -20,6 +20,7 @@ from .auth import (
     log_in,
     log_out,
     login_limit,
+    private,
     require_admin,
     require_admin_page,
 )
@@ -27,6 +28,7 @@ from .extensions import limiter
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 bp.record_once(lambda state: formats.register(state.app))
+bp.after_request(private)
 
 
 def users_view() -> dict:
@@ -48,11 +50,17 @@ def overview_view() -> dict:
     return data | {"charts": {k: views.bars(points, k) for k in ("requests", "tokens")}}
 
 
+def downloads_view() -> dict:
+    """The download jobs, with the actions each one allows."""
+    actions = {"job_actions": views.JOB_ACTIONS, "button_styles": views.BUTTON_STYLES}
+    return views.downloads_data() | actions
+
+
 LIVE: dict[str, Callable[[], dict]] = {  # pages whose data admin.js refreshes
     "overview": overview_view,
     "users": users_view,
     "queue": queue_view,
-    "downloads": views.downloads_data,
+    "downloads": downloads_view,
 }
 
 
@@ -99,7 +107,8 @@ def downloads() -> str:
 @require_admin_page
 def settings() -> str:
     """The effective configuration, read-only, secrets masked."""
-    return render_template("admin/settings.html", page="settings", **views.settings_data())
+    data = views.settings_data() | {"notes": views.setting_notes()}
+    return render_template("admin/settings.html", page="settings", **data)
 
 
 @bp.get("/fragment/<name>")

@@ -9,13 +9,22 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify, redirect, request, url_for
 
 from . import views
-from .auth import check_csrf, is_admin, is_failed_attempt, local_target, login_limit, refusal
+from .auth import (
+    check_csrf,
+    is_admin,
+    is_failed_attempt,
+    local_target,
+    login_limit,
+    private,
+    refusal,
+)
 from .errors import json_error
 from .extensions import limiter
 from .pulls import JobView, PullService
 
 bp = Blueprint("admin_api", __name__, url_prefix="/admin/api")
 limiter.limit(login_limit, deduct_when=is_failed_attempt)(bp)  # wrong Bearer passwords
+bp.after_request(private)
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
@@ -76,6 +85,20 @@ def block(user: str, action: str) -> Response:
         return json_error(404, f"unknown user {user!r}")
     current_app.extensions["ollamamq.users"].update(user, blocked=action == "block")
     return done(f"user {user} {action}ed", user=user, blocked=action == "block")
+
+
+@bp.post("/users/<path:user>/settings")
+def user_settings(user: str) -> Response:
+    """Set a user's `weight`, `vip` and `blocked` (any of them); kept across restarts."""
+    changes = request.get_json(silent=True) or request.form.to_dict()
+    changes.pop("csrf_token", None)
+    try:
+        row = current_app.extensions["ollamamq.users"].update(user, **changes)
+    except (TypeError, ValueError) as exc:
+        return json_error(400, str(exc))
+    return done(
+        f"user {user} updated", user=user, weight=row.weight, vip=row.vip, blocked=row.blocked
+    )
 
 
 @bp.post("/queue/<int:ticket_id>/cancel")

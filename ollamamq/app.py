@@ -46,8 +46,6 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.extensions["ollamamq.pulls"] = pulls
     app.extensions["ollamamq.users"] = UserSettings(dispatcher, app.config["USERS"])
     app.extensions["ollamamq.scheduler"] = init_scheduler(app, pulls)
-    for quota_free in (proxy.bp, openai_api.bp, downloads.bp):
-        limiter.exempt(quota_free)  # no per-request limit checks on the hot path
     app.register_blueprint(downloads.bp)
     app.register_blueprint(proxy.bp)
     app.register_blueprint(openai_api.bp)

@@ -90,7 +90,7 @@ class Config:
     # The admin.
     ADMIN_PASSWORD = os.environ.get("OLLAMAMQ_ADMIN_PASSWORD", "")  # "" : loopback only
     SECRET_KEY = os.environ.get("SECRET_KEY") or os.urandom(32).hex()  # signs admin sessions
-    ADMIN_LOGIN_LIMIT = os.environ.get("ADMIN_LOGIN_LIMIT", "5 per minute")  # per client address
+    ADMIN_LOGIN_LIMIT = os.environ.get("ADMIN_LOGIN_LIMIT", "5 per minute")  # wrong passwords/IP
     SESSION_COOKIE_NAME = "ollamamq_admin"
     SESSION_COOKIE_HTTPONLY = True  # scripts in the page never see the session
     SESSION_COOKIE_SAMESITE = "Lax"  # other sites' forms and scripts never carry the session

@@ -229,12 +229,6 @@ class Dispatcher:
         self._stats(user)  # so the user is listed even before any request
         self._wake.set()  # a new VIP may now go first
 
-    def set_blocked(self, user: str, blocked: bool) -> None:
-        """Block or unblock a user: a blocked user's new requests get 403."""
-        self.queue.account(user).is_blocked = blocked
-        self._stats(user)  # so the user is listed even before any request
-        log.info("user %s %s", user, "blocked" if blocked else "unblocked")
-
     def requeue(self, ticket: Ticket, rest_s: float) -> None:
         """The backend was busy: rest it, free the slot, and let the ticket wait at the head."""
         if ticket.state != ACTIVE:

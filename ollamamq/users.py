@@ -16,6 +16,13 @@ log = logging.getLogger(__name__)
 FIELDS = ("weight", "vip", "blocked")
 
 
+def as_flag(value: Any) -> bool:
+    """A yes/no from JSON (true/false) or a form ("true", "on", "1"...)."""
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return bool(value)
+
+
 class UserSettings:
     """Keeps the dispatcher's view of each user in step with the database."""
 
@@ -39,7 +46,7 @@ class UserSettings:
             raise ValueError("weight must be a positive number")
         row = db.session.get(UserSetting, user) or self._current(user)
         for name, value in changes.items():
-            setattr(row, name, float(value) if name == "weight" else bool(value))
+            setattr(row, name, float(value) if name == "weight" else as_flag(value))
         db.session.add(row)
         db.session.commit()
         self._apply(user, row.weight, row.vip, row.blocked)

@@ -6,6 +6,7 @@ two never disagree.
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,7 @@ from .pulls import PullService
 MASK = "********"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY")
 URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@/\s]+(@)")  # scheme://user:PASSWORD@host
+NOTE = re.compile(r"^ +([A-Z][A-Z0-9_]*)\b[^#\n]*#\s*(.+)$", re.MULTILINE)
 USER_COLUMNS = (
     "user",
     "waiting",
@@ -185,6 +187,20 @@ def masked(name: str, value: Any) -> Any:
 
 
 # -- what only the pages need -------------------------------------------------------------
+
+JOB_ACTIONS = {  # what an operator may do to a download job, by its status
+    "pending": ("process", "cancel", "remove"),
+    "downloading": ("cancel",),
+    "failed": ("retry", "remove"),
+    "cancelled": ("retry", "remove"),
+    "completed": ("remove",),
+}
+BUTTON_STYLES = {"process": "primary", "cancel": "danger"}
+
+
+def setting_notes() -> dict[str, str]:
+    """Each setting's one-line comment in config.py, to explain it on the settings page."""
+    return dict(NOTE.findall(inspect.getsource(Config)))
 
 
 def by_user(waiting: Iterable[Mapping]) -> list[tuple[str, list[Mapping]]]:

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 
 import apscheduler.schedulers.base
+import gevent
 import httpx
 import ollama
 import pytest
@@ -215,3 +216,38 @@ class FakeClock(datetime):
     @classmethod
     def now(cls, tz=None):
         return cls.current.astimezone(tz) if tz else cls.current
+
+
+def test_processing_refuses_a_plain_cross_site_form(proxy, app):
+    form = requests.post(f"{proxy}/api/queue/process", data={"id": "1"}, timeout=10)
+    assert form.status_code == 400 and "JSON" in form.json()["error"]
+
+
+def test_dashboard_sees_the_progress_of_a_running_download(proxy, app, fake):
+    from gevent.event import Event as Gate
+
+    fake.pull_gate = Gate()  # the pull stalls after its first progress record
+    pull(proxy, "mistral")
+    requests.post(f"{proxy}/api/queue/process", json={}, timeout=10)
+    with app.app_context():
+        service = app.extensions["ollamamq.pulls"]
+        wait_until_progress(service)
+        (running,) = [j for j in service.jobs() if j.status == "downloading"]
+    assert 0 < running.completed_bytes < running.total_bytes
+    fake.pull_gate.set()
+    service.wait()
+
+
+def wait_until_progress(service) -> None:
+    changed = Event()
+    original = service._publish
+
+    def publish(job_id, record):
+        original(job_id, record)
+        changed.set()
+
+    service._publish = publish
+    with gevent.Timeout(10):
+        while not any(j.completed_bytes for j in service.jobs() if j.status == "downloading"):
+            changed.clear()
+            changed.wait()

@@ -24,7 +24,7 @@ def test_queue_survives_a_crash_mid_download(fake, tmp_path):
     with running(ollamamq(port, fake.url), "listening on", env) as server:
         for model in ("mistral", "phi3"):
             requests.post(f"{url}/api/pull", json={"model": model, "stream": False}, timeout=10)
-        requests.post(f"{url}/api/queue/process", timeout=10)
+        requests.post(f"{url}/api/queue/process", json={}, timeout=10)
         assert [j["model"] for j in queue_of(url)["downloading"]] == ["mistral:latest"]
         server.send_signal(signal.SIGKILL)  # a crash: no clean shutdown
     fake.pull_gate.set()

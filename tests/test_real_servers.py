@@ -47,7 +47,7 @@ def test_download_queue_on_postgresql(fake, fresh_postgres):
     with served(app) as url:
         first = pull(url, "mistral").json()
         assert pull(url, "MISTRAL:latest").json()["job"] == first["job"]  # the unique index
-        requests.post(f"{url}/api/queue/process", timeout=10)
+        requests.post(f"{url}/api/queue/process", json={}, timeout=10)
         app.extensions["ollamamq.pulls"].wait()
         history = requests.get(f"{url}/api/queue", timeout=10).json()["history"]
         assert [(j["model"], j["status"]) for j in history] == [("mistral:latest", "completed")]

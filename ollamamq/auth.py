@@ -84,11 +84,6 @@ def is_admin() -> bool:
     return token is not None and password_matches(token)
 
 
-def same_token(a: str, b: str) -> bool:
-    """Constant-time string comparison."""
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
 def log_in(password: str) -> bool:
     """Start an admin session if the password is right; a fresh session either way."""
     session.clear()  # a new CSRF token too: nothing from before the login carries over

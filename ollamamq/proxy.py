@@ -9,7 +9,8 @@ from sqlalchemy import text
 
 from .catalog import queued_entry, union
 from .extensions import db
-from .relay import dispatcher, model_named, serve_direct, serve_queued, user_of
+from .payloads import model_named
+from .relay import dispatcher, serve_direct, serve_queued, user_of
 
 bp = Blueprint("proxy", __name__)
 

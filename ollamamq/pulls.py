@@ -265,9 +265,15 @@ class PullService:
             self._runner.join()
 
     def watch(self, job_id: int) -> Iterator[bytes]:
-        """NDJSON progress of a running job, as Ollama's pull stream, until it ends."""
+        """NDJSON progress of a job, as Ollama's pull stream, until it ends.
+
+        Subscribes at once, so no record is missed between this call and the first read.
+        """
         inbox: Queue = Queue()
         self._watchers.setdefault(job_id, []).append(inbox)
+        return self._relay_progress(job_id, inbox)
+
+    def _relay_progress(self, job_id: int, inbox: Queue) -> Iterator[bytes]:
         try:
             for record in inbox:
                 if record is _END:
@@ -281,11 +287,16 @@ class PullService:
     def _run(self) -> None:
         workers = Pool(self.app.config["DOWNLOAD_CONCURRENCY"])
         with self.app.app_context():
-            while (job_id := self._claim_next()) is not None:
+            while True:
+                job_id = self._claim_next()
+                if job_id is None:
+                    workers.join()
+                    job_id = self._claim_next()  # asked for while the last ones ran
+                    if job_id is None:
+                        break
                 workers.spawn(self._download, job_id).name = f"ollamamq-pull-{job_id}"
                 workers.wait_available()
-            workers.join()
-        self._wanted, self._until = set(), None
+        self._wanted, self._until = set(), None  # no yield since the last claim found nothing
 
     def _claim_next(self) -> int | None:
         """Mark the next wanted pending job downloading and return its id."""

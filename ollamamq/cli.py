@@ -108,6 +108,20 @@ def build_parser(version: str) -> argparse.ArgumentParser:
         metavar="FILE",
         help="TOML settings file: backends, [users.NAME] weight/vip/blocked",
     )
+    p.add_argument(
+        "--download-concurrency",
+        type=int,
+        dest="DOWNLOAD_CONCURRENCY",
+        metavar="N",
+        help="model pulls at once in a download window (DOWNLOAD_CONCURRENCY, 1)",
+    )
+    p.add_argument(
+        "--show-queued-in-tags",
+        action="store_const",
+        const=True,
+        dest="SHOW_QUEUED_IN_TAGS",
+        help="list queued models in /api/tags, marked queued (SHOW_QUEUED_IN_TAGS)",
+    )
     p.add_argument("--no-tui", action="store_true", help="accepted for ollamaMQ compatibility")
     p.add_argument("-V", "--version", action="version", version=f"ollamamq {version}")
     commands = p.add_subparsers(dest="command", metavar="COMMAND")

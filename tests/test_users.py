@@ -37,6 +37,12 @@ def test_config_file_sets_backends_settings_and_users(tmp_path):
     assert loaded["USERS"]["ana"] == {"weight": 2.5}
     args = build_parser("0").parse_args(["-c", str(path), "--fairness", "tokens"])
     assert overrides_from(args)["FAIRNESS"] == "tokens"  # the command line wins
+    flags = ["--show-queued-in-tags", "--download-concurrency", "3", "-o", "http://a,http://b"]
+    assert overrides_from(build_parser("0").parse_args(flags)) == {
+        "SHOW_QUEUED_IN_TAGS": True,
+        "DOWNLOAD_CONCURRENCY": 3,
+        "OLLAMA_URLS": ["http://a", "http://b"],
+    }
 
 
 def test_users_from_the_config_file_are_applied(fake, tmp_path):

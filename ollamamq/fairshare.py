@@ -11,8 +11,9 @@ Both keep each user's own requests in FIFO order.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,8 +147,15 @@ class FairQueue:
         return True
 
     def grant(self, backends: Sequence[BackendView]) -> tuple[Waiting, int] | None:
-        """Pop the next request that some backend can take now, with that backend's index."""
-        for user in self._candidates():
+        """Pop the next request that some backend can take now, with that backend's index.
+
+        The first user in order usually fits, so it is found in one pass; the full order is
+        sorted only when its model has no free slot.
+        """
+        if not self._backlogged:
+            return None
+        first = min(self._backlogged, key=self._order_key())
+        for user in itertools.chain([first], self._candidates_after(first)):
             acct = self.accounts[user]
             index = pick_backend(backends, acct.queue[0].model, self._turn)
             if index is not None:
@@ -173,13 +181,19 @@ class FairQueue:
         return self._candidates()
 
     def _candidates(self) -> list[str]:
+        """Backlogged users in serving order."""
+        return sorted(self._backlogged, key=self._order_key())
+
+    def _candidates_after(self, first: str) -> Iterator[str]:
+        """The rest of the serving order, sorted only if someone asks for it."""
+        yield from (user for user in self._candidates() if user != first)
+
+    def _order_key(self) -> Callable[[str], tuple]:
         """VIPs first; then least service ("tokens"); then least recently granted."""
         accounts = self.accounts
         if self.fairness == "tokens":
-            key = lambda u: (not accounts[u].is_vip, accounts[u].counter, accounts[u].last_grant)  # noqa: E731
-        else:
-            key = lambda u: (not accounts[u].is_vip, accounts[u].last_grant)  # noqa: E731
-        return sorted(self._backlogged, key=key)
+            return lambda u: (not accounts[u].is_vip, accounts[u].counter, accounts[u].last_grant)
+        return lambda u: (not accounts[u].is_vip, accounts[u].last_grant)
 
     def _pop(self, user: str, acct: UserAccount) -> Waiting:
         item = acct.queue.popleft()

@@ -6,7 +6,7 @@ with their session and CSRF token, and a plain form post is redirected back to i
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify, redirect, request, url_for
+from flask import Blueprint, Response, jsonify, redirect, request, url_for
 
 from . import views
 from .auth import (
@@ -21,6 +21,7 @@ from .auth import (
 from .errors import json_error
 from .extensions import limiter
 from .pulls import JobView, PullService
+from .services import dispatcher, pulls, user_settings
 
 bp = Blueprint("admin_api", __name__, url_prefix="/admin/api")
 limiter.limit(login_limit, deduct_when=is_failed_attempt)(bp)  # wrong Bearer passwords
@@ -81,19 +82,19 @@ def settings() -> Response:
 @bp.post("/users/<path:user>/<any(block, unblock):action>")
 def block(user: str, action: str) -> Response:
     """Block a user (new requests get 403) or unblock them; the choice survives restarts."""
-    if user not in {u.user for u in views.dispatcher().snapshot().users}:
+    if user not in {u.user for u in dispatcher().snapshot().users}:
         return json_error(404, f"unknown user {user!r}")
-    current_app.extensions["ollamamq.users"].update(user, blocked=action == "block")
+    user_settings().update(user, blocked=action == "block")
     return done(f"user {user} {action}ed", user=user, blocked=action == "block")
 
 
 @bp.post("/users/<path:user>/settings")
-def user_settings(user: str) -> Response:
+def update_user(user: str) -> Response:
     """Set a user's `weight`, `vip` and `blocked` (any of them); kept across restarts."""
     changes = request.get_json(silent=True) or request.form.to_dict()
     changes.pop("csrf_token", None)
     try:
-        row = current_app.extensions["ollamamq.users"].update(user, **changes)
+        row = user_settings().update(user, **changes)
     except (TypeError, ValueError) as exc:
         return json_error(400, str(exc))
     return done(
@@ -104,7 +105,7 @@ def user_settings(user: str) -> Response:
 @bp.post("/queue/<int:ticket_id>/cancel")
 def cancel_request(ticket_id: int) -> Response:
     """Withdraw a waiting request; its client gets 410."""
-    if not views.dispatcher().cancel(ticket_id):
+    if not dispatcher().cancel(ticket_id):
         return json_error(404, f"request {ticket_id} is not waiting")
     return done(f"request {ticket_id} cancelled", id=ticket_id)
 
@@ -112,7 +113,7 @@ def cancel_request(ticket_id: int) -> Response:
 @bp.post("/downloads/process")
 def process_all() -> Response:
     """Start every pending download now."""
-    service = views.pulls()
+    service = pulls()
     pending = [job.id for job in service.pending()]
     service.process()
     return done(f"processing {len(pending)} pending downloads", 202, jobs=pending)
@@ -137,7 +138,7 @@ JOB_ACTIONS = {
 @bp.post("/downloads/<int:job_id>/<any(process, cancel, retry, remove):action>")
 def job_action(job_id: int, action: str) -> Response:
     """Process, cancel, retry or remove one job: 404 if unknown, 409 if its status forbids."""
-    service = views.pulls()
+    service = pulls()
     job = service.get(job_id)
     if job is None:
         return json_error(404, f"no download job {job_id}")

@@ -12,17 +12,13 @@ from limits import parse
 from .auth import bearer, is_failed_attempt, login_limit, require_admin
 from .errors import json_error
 from .extensions import client_address, limiter
-from .pulls import JobView, PullService
+from .pulls import JobView
 from .relay import serve_direct
+from .services import pulls
 
 bp = Blueprint("downloads", __name__)
 
 NDJSON = "application/x-ndjson"
-
-
-def pulls() -> PullService:
-    """The app's download queue."""
-    return current_app.extensions["ollamamq.pulls"]
 
 
 def answer(record: dict, stream: bool, status: int = 200) -> Response:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 
 from .catalog import union
-from .relay import dispatcher, serve_direct, serve_queued
+from .relay import serve_direct, serve_queued
+from .services import dispatcher
 
 bp = Blueprint("openai_api", __name__, url_prefix="/v1")
 

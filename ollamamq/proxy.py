@@ -10,7 +10,8 @@ from sqlalchemy import text
 from .catalog import queued_entry, union
 from .extensions import db
 from .payloads import model_named
-from .relay import dispatcher, serve_direct, serve_queued, user_of
+from .relay import serve_direct, serve_queued, user_of
+from .services import dispatcher, pulls, scheduler
 
 bp = Blueprint("proxy", __name__)
 
@@ -56,7 +57,7 @@ def tags() -> Response:
     """Installed models across every backend, and queued ones when asked to show them."""
     entries = union(dispatcher().pool, "/api/tags")
     if current_app.config["SHOW_QUEUED_IN_TAGS"]:
-        pending = current_app.extensions["ollamamq.pulls"].pending()
+        pending = pulls().pending()
         entries += [queued_entry(j.model, j.as_dict()["created_at"]) for j in pending]
     return jsonify(models=entries)
 
@@ -154,11 +155,11 @@ def _disk_state() -> dict | None:
 
 
 def _scheduler_state() -> dict:
-    pulls = current_app.extensions["ollamamq.pulls"]
-    next_run = pulls.next_run()
+    service = pulls()
+    next_run = service.next_run()
     return {
-        "running": current_app.extensions["ollamamq.scheduler"].running,
+        "running": scheduler().running,
         "next_run": next_run.isoformat(timespec="seconds") + "Z" if next_run else None,
-        "processing_downloads": pulls.is_running,
-        "window_open": pulls.is_window_open(),
+        "processing_downloads": service.is_running,
+        "window_open": service.is_window_open(),
     }

@@ -18,6 +18,7 @@ from .dispatcher import Dispatcher, QueueFull, Ticket, UserBlocked
 from .errors import json_error
 from .fairshare import normalize_model
 from .payloads import ask_for_usage, estimate_input_tokens, output_limit, parse_request
+from .services import dispatcher
 from .upstream import (
     READ_SIZE,
     STREAM_ERRORS,
@@ -38,11 +39,6 @@ log = logging.getLogger(__name__)
 SOCKET_KEYS = ("ollamamq.socket", "gunicorn.socket")  # where servers put the client socket
 RETRIES = 30  # busy or dead backends a request may meet before the client hears of it
 RelayedOrError = HTTPResponse | Response
-
-
-def dispatcher() -> Dispatcher:
-    """The app's dispatcher."""
-    return current_app.extensions["ollamamq"]
 
 
 def user_of() -> str:

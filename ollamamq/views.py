@@ -17,8 +17,8 @@ from flask import current_app
 
 from .backends import BackendStatus
 from .config import Config
-from .dispatcher import Dispatcher, Snapshot, UserView
-from .pulls import PullService
+from .dispatcher import Snapshot, UserView
+from .services import dispatcher, pulls
 
 MASK = "********"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY")
@@ -38,16 +38,6 @@ USER_COLUMNS = (
     "last_seen",
     "blocked",
 )
-
-
-def dispatcher() -> Dispatcher:
-    """The app's dispatcher."""
-    return current_app.extensions["ollamamq"]
-
-
-def pulls() -> PullService:
-    """The app's download queue."""
-    return current_app.extensions["ollamamq.pulls"]
 
 
 def iso(moment: float | datetime | None) -> str | None:

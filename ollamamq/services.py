@@ -1,0 +1,30 @@
+"""The one way views reach the app's owner objects (kept in `app.extensions`)."""
+
+from __future__ import annotations
+
+from flask import current_app
+from flask_apscheduler import APScheduler
+
+from .dispatcher import Dispatcher
+from .pulls import PullService
+from .users import UserSettings
+
+
+def dispatcher() -> Dispatcher:
+    """The app's dispatcher: waiting requests, slots, backends."""
+    return current_app.extensions["ollamamq"]
+
+
+def pulls() -> PullService:
+    """The app's download queue."""
+    return current_app.extensions["ollamamq.pulls"]
+
+
+def user_settings() -> UserSettings:
+    """The app's per-user standing orders."""
+    return current_app.extensions["ollamamq.users"]
+
+
+def scheduler() -> APScheduler:
+    """The app's scheduler."""
+    return current_app.extensions["ollamamq.scheduler"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -54,15 +53,6 @@ def quota_retry_after() -> int | None:
     return max(1, int(stats.reset_time - time.time()))
 
 
-def disk_is_full() -> bool:
-    """Whether the guarded models disk is above DISK_THRESHOLD percent."""
-    path = current_app.config["DISK_PATH"]
-    if not path:
-        return False
-    usage = shutil.disk_usage(path)
-    return 100 * usage.used / usage.total > current_app.config["DISK_THRESHOLD"]
-
-
 def requested_model() -> tuple[str | None, dict]:
     """The model named by a JSON body (`model`, or the deprecated `name`)."""
     try:
@@ -88,7 +78,8 @@ def pull() -> Response:
         return answer(queued_record(existing, created=False), stream)
     if service.is_installed(model):
         return answer({"status": "success"}, stream)
-    if disk_is_full():
+    disk = service.disk_state()
+    if disk is not None and not disk["accepting_downloads"]:
         return json_error(507, "the models disk is too full to queue another download")
     retry_after = quota_retry_after()
     if retry_after is not None:

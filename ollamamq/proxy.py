@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import text
 
@@ -126,7 +124,7 @@ def health() -> Response:
         queue_depth=queue.waiting_count,
         active=queue.active_count,
         database=database,
-        disk=_disk_state(),
+        disk=pulls().disk_state(),
         scheduler=_scheduler_state(),
     )
 
@@ -137,21 +135,6 @@ def _database_state() -> str:
         return "ok"
     except Exception as exc:  # noqa: BLE001 - any failure is the answer here
         return f"error: {exc}"
-
-
-def _disk_state() -> dict | None:
-    path = current_app.config["DISK_PATH"]
-    if not path:
-        return None
-    usage = shutil.disk_usage(path)
-    percent = round(100 * usage.used / usage.total, 1)
-    threshold = current_app.config["DISK_THRESHOLD"]
-    return {
-        "path": path,
-        "used_percent": percent,
-        "threshold": threshold,
-        "accepting_downloads": percent <= threshold,
-    }
 
 
 def _scheduler_state() -> dict:

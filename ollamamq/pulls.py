@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
@@ -155,6 +156,21 @@ class PullService:
         self.pool.check_all()
         up = [b for b in self.pool if b.is_up]
         return bool(up) and all(normalize_model(model) in (b.models or ()) for b in up)
+
+    def disk_state(self) -> dict | None:
+        """The guarded models disk (DISK_PATH): how full, and whether new jobs are taken."""
+        path = self.app.config["DISK_PATH"]
+        if not path:
+            return None
+        usage = shutil.disk_usage(path)
+        percent = round(100 * usage.used / usage.total, 1)
+        threshold = self.app.config["DISK_THRESHOLD"]
+        return {
+            "path": path,
+            "used_percent": percent,
+            "threshold": threshold,
+            "accepting_downloads": percent <= threshold,
+        }
 
     def is_window_open(self) -> bool:
         """Whether a scheduled download window is open now: new pulls start at once."""

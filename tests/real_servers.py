@@ -6,29 +6,11 @@ import contextlib
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 
-import gevent
-
-START_LIMIT = 30  # seconds a server may take to say it is ready
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_line(process: subprocess.Popen, ready: str, name: str) -> None:
-    """Read the server's output until it says `ready` (no polling, no sleeping)."""
-    with gevent.Timeout(START_LIMIT, AssertionError(f"{name} did not start")):
-        for line in process.stdout:
-            if ready in line:
-                return
-    raise AssertionError(f"{name} exited before it was ready")
+from tests.processes import free_port, running
 
 
 @contextlib.contextmanager
@@ -46,14 +28,8 @@ def redis_server() -> Iterator[str]:
         "--appendonly",
         "no",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_line(process, "Ready to accept connections", "redis-server")
+    with running(command, "Ready to accept connections"):
         yield f"redis://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        process.stdout.close()
 
 
 def _pg_bin(name: str) -> str:
@@ -90,14 +66,8 @@ def postgres_server() -> Iterator[str]:
         "-c",
         "fsync=off",
     ]
-    process = subprocess.Popen(
-        _as_postgres(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
     try:
-        wait_for_line(process, "ready to accept connections", "postgres")
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+        with running(_as_postgres(command), "ready to accept connections"):
+            yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        process.stdout.close()
         shutil.rmtree(data, ignore_errors=True)

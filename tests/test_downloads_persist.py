@@ -9,7 +9,7 @@ import subprocess
 import requests
 from gevent.event import Event
 
-from tests.test_serve import BIN, ROOT, free_port, ollamamq, running
+from tests.processes import BIN, ROOT, free_port, ollamamq, running
 
 
 def queue_of(url: str) -> dict:

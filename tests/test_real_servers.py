@@ -12,8 +12,8 @@ import sqlalchemy
 
 from ollamamq import create_app
 from tests.conftest import served, settings
+from tests.processes import BIN, ROOT
 from tests.real_servers import postgres_server, redis_server
-from tests.test_serve import BIN, ROOT
 
 
 @pytest.fixture(scope="module")

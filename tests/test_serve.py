@@ -2,51 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 
-import gevent
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(command: list[str], ready: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """Run `command` until the test ends; return once stderr shows `ready`."""
-    process = subprocess.Popen(
-        command, cwd=ROOT, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        with gevent.Timeout(20, AssertionError(f"{command[0]} never said {ready!r}")):
-            for line in process.stderr:
-                if ready in line:
-                    break
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        process.wait(timeout=10)
-        process.stderr.close()
-
-
-def ollamamq(port: int, fake_url: str, *args: str) -> list[str]:
-    """The command line that serves the proxy on `port` in front of `fake_url`."""
-    return [str(BIN / "ollamamq"), "-p", str(port), "-o", fake_url, "--log-file", "", *args]
+from tests.processes import BIN, free_port, running
 
 
 def stream_chat(url: str) -> list[dict]:

@@ -12,7 +12,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import admin, admin_api, downloads, errors, openai_api, proxy
+from . import accesslog, admin, admin_api, downloads, errors, openai_api, prometheus, proxy
 from .auth import init_auth
 from .backends import BackendPool
 from .config import Config
@@ -51,6 +51,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(admin_api.bp)
+    accesslog.init_app(app, on_finish=[prometheus.init_app(app).observe])
     return app
 
 

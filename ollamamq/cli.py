@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import socket
 import sys
+from datetime import UTC, datetime
+from logging.handlers import WatchedFileHandler
 from typing import Any
 
 import flask_migrate
@@ -89,6 +92,19 @@ def build_parser(version: str) -> argparse.ArgumentParser:
     p.add_argument("--log-file", dest="LOG_FILE", help="log file, '' for none (LOG_FILE)")
     p.add_argument("--log-level", dest="LOG_LEVEL", help="DEBUG, INFO, WARNING (LOG_LEVEL)")
     p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        dest="LOG_FORMAT",
+        help="text, or json: one object per line (LOG_FORMAT, text)",
+    )
+    p.add_argument(
+        "--metrics-per-user",
+        action="store_const",
+        const=True,
+        dest="METRICS_PER_USER",
+        help="label /metrics request and token counts by user (METRICS_PER_USER)",
+    )
+    p.add_argument(
         "--fairness",
         choices=["tokens", "requests"],
         dest="FAIRNESS",
@@ -144,17 +160,44 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return {**from_file, **given}
 
 
-def setup_logging(level: str, log_file: str) -> None:
-    """Log to stderr and, unless empty, to `log_file`."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line with stable keys, for Loki or ELK.
+
+    An access line's message is already a JSON object: its keys join the record's.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        if record.name == "ollamamq.access" and message.startswith("{"):
+            entry |= json.loads(message)
+        else:
+            entry["message"] = message
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        moment = datetime.fromtimestamp(record.created, UTC)
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def setup_logging(level: str, log_file: str, log_format: str = "text") -> None:
+    """Log to stderr and, unless empty, to `log_file`, reopened when logrotate moves it."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(
-        level=level.upper(),
-        handlers=handlers,
-        force=True,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+        handlers.append(WatchedFileHandler(log_file))  # notices a rotated file: no SIGHUP needed
+    if log_format == "json":
+        formatter: logging.Formatter = JsonFormatter()
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
 
 
 class Handler(WSGIHandler):
@@ -175,7 +218,7 @@ class Handler(WSGIHandler):
 def serve(app: Flask) -> None:
     """Serve until SIGINT or SIGTERM."""
     host, port = app.config["HOST"], app.config["PORT"]
-    access = LoggingLogAdapter(logging.getLogger("ollamamq.access"), logging.DEBUG)
+    access = LoggingLogAdapter(logging.getLogger("ollamamq.wsgi"), logging.DEBUG)
     server = WSGIServer(
         (host, port),
         app,
@@ -205,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(top.main(args.url, args.password, args.interval))
     app = create_app(overrides_from(args))
-    setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FILE"])
+    setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FILE"], app.config["LOG_FORMAT"])
     if args.command == "downloads":
         if args.action == "remove" and not args.model:
             parser.error("downloads remove needs a MODEL")

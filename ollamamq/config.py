@@ -67,6 +67,9 @@ class Config:
     TRUSTED_PROXIES = env_int("TRUSTED_PROXIES", 0)  # proxy hops allowed to set X-Forwarded-For
     LOG_FILE = os.environ.get("LOG_FILE", "ollamamq.log")  # "" logs to stderr only
     LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
+    LOG_FORMAT = os.environ.get("LOG_FORMAT", "text")  # "text" or "json" (one object per line)
+    METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")  # bearer token a scraper may send
+    METRICS_PER_USER = env_bool("METRICS_PER_USER", False)  # user= labels (users are unbounded)
     RATELIMIT_STORAGE_URI = os.environ.get("RATELIMIT_STORAGE_URI", "memory://")
     RATELIMIT_HEADERS_ENABLED = True  # X-RateLimit-* and Retry-After on limited answers
 

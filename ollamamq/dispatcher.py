@@ -52,6 +52,7 @@ class Ticket:
         "state",
         "enqueued_at",
         "started_at",
+        "first_byte_at",
         "records",
         "tokens_in",
         "tokens_out",
@@ -75,6 +76,7 @@ class Ticket:
         self.state = WAITING
         self.enqueued_at = time.monotonic()
         self.started_at: float | None = None
+        self.first_byte_at: float | None = None  # set by the relay when the first chunk passes
         self.records = 0  # streamed records relayed so far: tokens, for display
         self.tokens_in = 0  # the backend's own counts, once its final record is seen
         self.tokens_out = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 
@@ -111,6 +112,7 @@ def serve_queued(path: str) -> Response:
         return json_error(exc.status, str(exc), exc.retry_after)
     except UserBlocked as exc:
         return json_error(403, str(exc))
+    request.environ["ollamamq.ticket"] = ticket  # for the access line and metrics at close
     watch = ClientWatch(request.environ, lambda: queue.abandon(ticket))
     upstream = _dispatch(ticket, queue, path, body)
     if isinstance(upstream, Response):
@@ -211,6 +213,7 @@ def observe(chunks: Iterator[bytes], ticket: Ticket, is_sse: bool) -> Iterator[b
     separator = b"\n\n" if is_sse else b"\n"
     tail = b""
     for chunk in chunks:
+        ticket.first_byte_at = ticket.first_byte_at or time.monotonic()  # read once per chunk
         ticket.records += chunk.count(separator)
         tail = (tail + chunk)[-TAIL_BYTES:]
         yield chunk

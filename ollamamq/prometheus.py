@@ -1,0 +1,204 @@
+"""`GET /metrics` for Prometheus: state read at scrape time, finished requests counted once.
+
+Gauges (queue, backends, downloads) come from a custom collector that reads the owners'
+state when Prometheus scrapes, so the hot path pays nothing for them. What only a request
+knows (its status, waits, tokens) is counted once, from its `Finished` record at close.
+Each app has its own registry: tests build many apps in one process.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+
+from flask import Blueprint, Flask, Response, current_app, request
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from .accesslog import Finished
+from .auth import bearer, is_admin, is_loopback
+from .dispatcher import Dispatcher
+from .errors import json_error
+from .extensions import db
+from .models import PullJob
+from .pulls import PullService
+
+bp = Blueprint("prometheus", __name__)
+
+REGISTRY_KEY = "ollamamq.metrics"
+# LLM waits run from sub-second to minutes: queueing behind long generations, model loads.
+WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+QUEUED = frozenset(
+    ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings")
+    + ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+)
+RATE_LIMITS = {  # (kind of endpoint, status) -> reason, for ollamamq_rate_limited_total
+    ("queued", 429): "user_queue",
+    ("queued", 503): "queue_full",
+    ("/api/pull", 429): "download_quota",
+    ("admin", 429): "admin_login",
+}
+
+
+class Metrics:
+    """The app's registry and request counters; `observe` is called once per request."""
+
+    def __init__(self, app: Flask) -> None:
+        self.registry = CollectorRegistry()
+        self.per_user = bool(app.config["METRICS_PER_USER"])
+        user = ("user",) if self.per_user else ()
+        self.requests = Counter(
+            "ollamamq_requests",
+            "Proxied requests answered, by endpoint and status",
+            ("endpoint", "status", *user),
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "ollamamq_tokens",
+            "Tokens processed, as the backends counted them",
+            ("direction", *user),
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "ollamamq_rate_limited",
+            "Requests refused by a limit, by reason",
+            ("reason",),
+            registry=self.registry,
+        )
+        self.wait = self._histogram("queue_wait_seconds", "Time queued before a backend slot")
+        self.first_token = self._histogram(
+            "time_to_first_token_seconds", "From arrival to the first byte of the answer"
+        )
+        self.duration = self._histogram(
+            "request_duration_seconds", "From arrival to the end of the answer"
+        )
+        for reason in set(RATE_LIMITS.values()):
+            self.rate_limited.labels(reason)  # present at 0 from the start
+        if not self.per_user:
+            for direction in ("input", "output"):
+                self.tokens.labels(direction)
+        self.registry.register(StateCollector(app))
+
+    def _histogram(self, name: str, documentation: str) -> Histogram:
+        return Histogram(
+            f"ollamamq_{name}", documentation, buckets=WAIT_BUCKETS, registry=self.registry
+        )
+
+    def observe(self, record: Finished) -> None:
+        """Count one finished request."""
+        user = (record.user,) if self.per_user else ()
+        self.requests.labels(record.endpoint, str(record.status), *user).inc()
+        self.duration.observe(record.duration_ms / 1000)
+        if record.wait_ms is not None:
+            self.wait.observe(record.wait_ms / 1000)
+        if record.first_token_ms is not None:
+            self.first_token.observe(record.first_token_ms / 1000)
+        if record.tokens_in:
+            self.tokens.labels("input", *user).inc(record.tokens_in)
+        if record.tokens_out:
+            self.tokens.labels("output", *user).inc(record.tokens_out)
+        kind = "queued" if record.endpoint in QUEUED else record.endpoint
+        self.count_limited(kind, record.status)
+
+    def count_limited(self, kind: str, status: int) -> None:
+        """Count an answer that a limit gave, if it is one."""
+        reason = RATE_LIMITS.get((kind, status))
+        if reason is not None:
+            self.rate_limited.labels(reason).inc()
+
+
+class StateCollector(Collector):
+    """Reads the dispatcher, the backends and the download jobs when Prometheus scrapes."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        dispatcher: Dispatcher = self.app.extensions["ollamamq"]
+        yield from _queue(dispatcher, bool(self.app.config["METRICS_PER_USER"]))
+        yield from _backends(dispatcher)
+        with self.app.app_context():
+            yield from _downloads(self.app.extensions["ollamamq.pulls"])
+
+
+def _gauge(name: str, documentation: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"ollamamq_{name}", documentation, labels=labels or None)
+
+
+def _queue(dispatcher: Dispatcher, per_user: bool) -> Iterator[Metric]:
+    labels = ("user",) if per_user else ()
+    waiting = _gauge("queue_waiting", "Requests waiting for a backend slot", labels)
+    active = _gauge("requests_active", "Requests holding a backend slot", labels)
+    if per_user:
+        for user in dispatcher.snapshot().users:
+            waiting.add_metric([user.user], user.waiting)
+            active.add_metric([user.user], user.active)
+    else:
+        waiting.add_metric([], dispatcher.waiting_count)
+        active.add_metric([], dispatcher.active_count)
+    yield from (waiting, active)
+
+
+def _backends(dispatcher: Dispatcher) -> Iterator[Metric]:
+    up = _gauge("backend_up", "1 if the backend answered its last check", ("backend",))
+    slots = _gauge("backend_slots", "Requests the backend may serve at once", ("backend",))
+    active = _gauge("backend_active", "Requests the backend is serving now", ("backend",))
+    latency = _gauge("backend_latency_seconds", "Duration of the last health check", ("backend",))
+    loaded = _gauge(
+        "backend_model_loaded", "1 for each model loaded in memory", ("backend", "model")
+    )
+    for backend in dispatcher.pool:
+        up.add_metric([backend.name], 1 if backend.is_up else 0)
+        slots.add_metric([backend.name], backend.slots)
+        active.add_metric([backend.name], backend.active)
+        if backend.latency_ms is not None:
+            latency.add_metric([backend.name], backend.latency_ms / 1000)
+        for model in sorted(backend.loaded):
+            loaded.add_metric([backend.name, model], 1)
+    yield from (up, slots, active, latency, loaded)
+
+
+def _downloads(pulls: PullService) -> Iterator[Metric]:
+    jobs = _gauge("downloads", "Download jobs by status", ("status",))
+    counts = pulls.counts()
+    for status in ("pending", "downloading", "completed", "failed", "cancelled"):
+        jobs.add_metric([status], counts.get(status, 0))
+    # The jobs' own byte counts: finished jobs pruned after CLEANUP_DAYS read as a reset.
+    done = db.session.scalar(select(func.coalesce(func.sum(PullJob.completed_bytes), 0)))
+    total = CounterMetricFamily("ollamamq_download_bytes", "Bytes downloaded by the jobs on record")
+    total.add_metric([], int(done or 0))
+    yield from (jobs, total)
+
+
+def may_scrape() -> bool:
+    """Loopback, the admin, or the scraper's bearer METRICS_TOKEN."""
+    token, given = current_app.config["METRICS_TOKEN"], bearer()
+    if token and given is not None and hmac.compare_digest(token.encode(), given.encode()):
+        return True
+    return is_loopback() or is_admin()
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Everything in Prometheus' text format."""
+    if not may_scrape():
+        return json_error(401, "metrics need loopback, the admin login or METRICS_TOKEN")
+    registry = current_app.extensions[REGISTRY_KEY].registry
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+
+def init_app(app: Flask) -> Metrics:
+    """Create the app's metrics and serve them; wrong admin passwords count as limited."""
+    counters = app.extensions[REGISTRY_KEY] = Metrics(app)
+    app.register_blueprint(bp)
+
+    @app.after_request
+    def count_admin_limits(response: Response) -> Response:
+        if response.status_code == 429 and request.blueprint in ("admin", "admin_api"):
+            counters.count_limited("admin", 429)
+        return response
+
+    return counters

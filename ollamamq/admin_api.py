@@ -6,7 +6,7 @@ with their session and CSRF token, and a plain form post is redirected back to i
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, redirect, request, url_for
+from flask import Blueprint, Response, current_app, jsonify, redirect, request, url_for
 
 from . import views
 from .auth import (
@@ -18,9 +18,11 @@ from .auth import (
     private,
     refusal,
 )
+from .dispatcher import QueueFull, UserBlocked
 from .errors import json_error
 from .extensions import limiter
 from .pulls import JobView, PullService
+from .residency import ResidencyError, change
 from .services import dispatcher, pulls, user_settings
 
 bp = Blueprint("admin_api", __name__, url_prefix="/admin/api")
@@ -145,3 +147,19 @@ def job_action(job_id: int, action: str) -> Response:
     if not JOB_ACTIONS[action](service, job):
         return json_error(409, f"cannot {action} job {job_id}: it is {job.status}")
     return done(f"job {job_id}: {action} done", id=job_id)
+
+
+@bp.post("/backends/<name>/models/<path:model>/<any(load, unload):action>")
+def model_residency(name: str, model: str, action: str) -> Response:
+    """Load a model into a backend's memory or unload it, once a slot there is free."""
+    timeout = (current_app.config["CONNECT_TIMEOUT"], current_app.config["TIMEOUT"])
+    try:
+        answer = change(dispatcher(), name, model, action == "load", timeout)
+    except ResidencyError as exc:
+        return json_error(exc.status, str(exc))
+    except QueueFull as exc:
+        return json_error(exc.status, str(exc), exc.retry_after)
+    except UserBlocked as exc:
+        return json_error(403, str(exc))
+    reason = answer.get("done_reason", action)
+    return done(f"{model} on {name}: {action} done", backend=name, model=model, reason=reason)

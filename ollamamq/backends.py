@@ -49,6 +49,17 @@ class BackendStatus:
     models: tuple[str, ...]
     loaded: tuple[str, ...]
     error: str | None
+    running: tuple[RunningModel, ...] = ()  # the loaded models' details from /api/ps
+
+
+@dataclass(frozen=True)
+class RunningModel:
+    """A model in a backend's memory, as /api/ps describes it."""
+
+    model: str
+    size_vram: int
+    size: int
+    expires_at: str | None  # RFC 3339, as Ollama sends it
 
 
 class Backend:
@@ -66,6 +77,7 @@ class Backend:
         self.latency_ms: float | None = None
         self.models: frozenset[str] | None = None
         self.loaded: frozenset[str] = frozenset()
+        self.running: tuple[RunningModel, ...] = ()
         self.error: str | None = None
 
     def has_model(self, model: str) -> bool:
@@ -89,6 +101,7 @@ class Backend:
             tuple(sorted(self.models or ())),
             tuple(sorted(self.loaded)),
             self.error,
+            self.running,
         )
 
     def mark_down(self, error: str) -> None:
@@ -123,14 +136,23 @@ class Backend:
     def _loaded(self, timeout: float) -> list[str]:
         response = self.session.get(self.url + "/api/ps", timeout=timeout)
         if response.status_code == 404:
+            self.running = ()
             return []
         response.raise_for_status()
-        return _model_names(response.json())
+        listing = response.json()
+        self.running = tuple(_running(m) for m in listing.get("models") or [])
+        return _model_names(listing)
 
     def _get_json(self, path: str, timeout: float) -> dict:
         response = self.session.get(self.url + path, timeout=timeout)
         response.raise_for_status()
         return response.json()
+
+
+def _running(entry: dict) -> RunningModel:
+    name = normalize_model(entry.get("model") or entry["name"])
+    size = int(entry.get("size") or 0)
+    return RunningModel(name, int(entry.get("size_vram") or 0), size, entry.get("expires_at"))
 
 
 def _model_names(listing: dict) -> list[str]:

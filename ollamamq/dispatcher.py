@@ -64,13 +64,19 @@ class Ticket:
     _ids = itertools.count(1)
 
     def __init__(
-        self, user: str, model: str | None, path: str, estimate: float, max_output: int | None
+        self,
+        user: str,
+        model: str | None,
+        path: str,
+        estimate: float,
+        max_output: int | None,
+        backend: str | None = None,
     ) -> None:
         self.id = next(Ticket._ids)
         self.user = user
         self.model = model
         self.path = path
-        self.item = Waiting(user, model, estimate, max_output, self)
+        self.item = Waiting(user, model, estimate, max_output, self, backend=backend)
         self.granted = Event()
         self.backend: Backend | None = None
         self.state = WAITING
@@ -190,13 +196,17 @@ class Dispatcher:
         path: str,
         estimate: float = 0.0,
         max_output: int | None = None,
+        backend: str | None = None,
     ) -> Ticket:
-        """Queue a request behind its user's others; raises QueueFull or UserBlocked."""
+        """Queue a request behind its user's others (on `backend` only, if named).
+
+        Raises QueueFull or UserBlocked.
+        """
         account = self.queue.account(user)
         if account.is_blocked:
             raise UserBlocked(f"user {user!r} is blocked")
         self._check_room(user)
-        ticket = Ticket(user, model, path, estimate, max_output)
+        ticket = Ticket(user, model, path, estimate, max_output, backend)
         self.queue.push(ticket.item)
         self._stats(user).last_seen = time.time()
         self._wake.set()

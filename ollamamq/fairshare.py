@@ -37,6 +37,7 @@ class Waiting:
     max_output: int | None = None  # the client's output limit (num_predict, max_tokens)
     payload: Any = None
     charged: float = 0.0  # what the grant charged: input estimate and expected output
+    backend: str | None = None  # only this backend may take it (operator model loads)
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,17 @@ class UserAccount:
     mean_output: float | None = None  # moving average of the user's output tokens per request
 
 
-def pick_backend(backends: Sequence[BackendView], model: str | None, turn: int = 0) -> int | None:
+def pick_backend(
+    backends: Sequence[BackendView], model: str | None, turn: int = 0, only: str | None = None
+) -> int | None:
     """Index of the backend that should take a request for `model`, or None if none can now.
 
     Healthy backends with the model and a free slot come first; backends that are down
     are tried only when no healthy one has the model. Among candidates: model already
-    loaded, then fewest active requests, then round-robin by `turn` on ties.
+    loaded, then fewest active requests, then round-robin by `turn` on ties. `only` pins
+    the request to the backend of that name.
     """
-    holders = [i for i, b in enumerate(backends) if b.has_model(model)]
+    holders = [i for i, b in enumerate(backends) if b.has_model(model) and only in (None, b.name)]
     healthy = [i for i in holders if backends[i].is_up]
     free = [i for i in (healthy or holders) if backends[i].free > 0]
     if not free:
@@ -157,7 +161,8 @@ class FairQueue:
         first = min(self._backlogged, key=self._order_key())
         for user in itertools.chain([first], self._candidates_after(first)):
             acct = self.accounts[user]
-            index = pick_backend(backends, acct.queue[0].model, self._turn)
+            head = acct.queue[0]
+            index = pick_backend(backends, head.model, self._turn, head.backend)
             if index is not None:
                 return self._pop(user, acct), index
         return None

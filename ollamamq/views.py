@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import current_app
 
-from .backends import BackendStatus
+from .backends import BackendStatus, RunningModel
 from .config import Config
 from .dispatcher import Snapshot, UserView
 from .services import dispatcher, pulls
@@ -87,8 +87,30 @@ def backend_dict(status: BackendStatus) -> dict:
         "slots": status.slots,
         "models": list(status.models),
         "loaded": list(status.loaded),
+        "running": [running_dict(m) for m in status.running],
         "error": status.error,
     }
+
+
+def running_dict(model: RunningModel) -> dict:
+    """A loaded model: memory it holds and when Ollama will unload it."""
+    return {
+        "model": model.model,
+        "size_vram": model.size_vram,
+        "size": model.size,
+        "expires_at": model.expires_at,
+        "expires_in_s": seconds_until(model.expires_at),
+    }
+
+
+def seconds_until(rfc3339: str | None) -> float | None:
+    """Seconds from now to an RFC 3339 time; None if absent, unreadable or "never"."""
+    try:
+        moment = datetime.fromisoformat(rfc3339 or "")
+    except ValueError:
+        return None
+    left = moment.timestamp() - time.time() if moment.year > 1 else None
+    return None if left is None or left > 10 * 365 * 86400 else round(max(0.0, left), 1)
 
 
 def users_data(sort: str = "user", descending: bool = False) -> dict:

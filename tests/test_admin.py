@@ -299,6 +299,7 @@ def test_overview_json(client, proxy):
         "slots",
         "models",
         "loaded",
+        "running",
         "error",
     }
     assert backend["up"] is True and "llama3:latest" in backend["models"]

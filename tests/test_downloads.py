@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import apscheduler.executors.base
 import apscheduler.schedulers.base
 import gevent
 import httpx
@@ -191,6 +192,7 @@ def test_schedule_fires_at_the_cron_time(app, monkeypatch):
     opened = Event()
     monkeypatch.setattr(app.extensions["ollamamq.pulls"], "open_window", lambda _: opened.set())
     monkeypatch.setattr(apscheduler.schedulers.base, "datetime", FakeClock)
+    monkeypatch.setattr(apscheduler.executors.base, "datetime", FakeClock)  # misfire check
     monkeypatch.setattr(FakeClock, "current", datetime(2026, 11, 25, 14, 0, tzinfo=UTC))
     scheduler = app.extensions["ollamamq.scheduler"]
     scheduler.start()

@@ -8,14 +8,14 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import gevent
 from gevent.event import Event
 
-from .backends import Backend, BackendPool, BackendStatus
+from .backends import Backend, BackendPool
 from .fairshare import FairQueue, Waiting
 from .metrics import Throughput, UserStats
+from .snapshot import Snapshot, TicketView, UserView
 
 log = logging.getLogger(__name__)
 
@@ -100,55 +100,6 @@ class Ticket:
         """Block until granted a slot (True) or cancelled (False)."""
         self.granted.wait()
         return self.state == ACTIVE
-
-
-@dataclass(frozen=True)
-class TicketView:
-    """A waiting or active request, for display."""
-
-    id: int
-    user: str
-    model: str | None
-    path: str
-    backend: str | None
-    seconds: float  # waiting so far, or streaming so far
-    records: int  # streamed records relayed so far (about one per token)
-
-
-@dataclass(frozen=True)
-class UserView:
-    """One user's standing and history, for display."""
-
-    user: str
-    waiting: int
-    active: int
-    served: int
-    errors: int
-    cancelled: int
-    tokens_in: int
-    tokens_out: int
-    avg_wait_ms: float
-    p95_wait_ms: float
-    last_seen: float  # seconds since the epoch
-    blocked: bool
-    vip: bool
-    weight: float
-    service: float  # the fairness counter: weighted tokens (or grants) received
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Everything the health check and admin show, copied at one instant."""
-
-    backends: tuple[BackendStatus, ...]
-    waiting: tuple[TicketView, ...]  # in the order they would be granted, user by user
-    active: tuple[TicketView, ...]
-    users: tuple[UserView, ...]
-    served: int
-    errors: int
-    throughput: tuple[tuple[int, int, int], ...]  # (minute start, requests, tokens), last hour
-    started_at: float  # seconds since the epoch
-    fairness: str
 
 
 class Dispatcher:

@@ -17,8 +17,8 @@ from flask import current_app
 
 from .backends import BackendStatus, RunningModel
 from .config import Config
-from .dispatcher import Snapshot, UserView
 from .services import dispatcher, pulls
+from .snapshot import Snapshot, UserView
 
 MASK = "********"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY")

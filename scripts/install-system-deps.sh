@@ -1,11 +1,13 @@
 #!/bin/sh
-# Debian packages the test suite drives for real: a headless browser, Redis and PostgreSQL.
+# Debian packages the test suite drives for real: a headless browser, Redis, PostgreSQL,
+# and faketime (the scheduler tests run once more under a clock 400 days ahead).
 set -eu
 need=""
 command -v chromium >/dev/null 2>&1 || need="$need chromium"
 command -v chromedriver >/dev/null 2>&1 || need="$need chromium-driver"
 command -v redis-server >/dev/null 2>&1 || need="$need redis-server"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$need postgresql"
+command -v faketime >/dev/null 2>&1 || need="$need faketime"
 [ -z "$need" ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-import apscheduler.executors.base
-import apscheduler.schedulers.base
 import gevent
 import httpx
 import ollama
@@ -186,38 +184,34 @@ def test_processing_needs_the_admin_password_when_one_is_set(fake, tmp_path):
         assert requests.post(f"{url}/api/queue/process", headers=right).status_code == 202
 
 
+@pytest.mark.parametrize("config", [{"QUEUE_TIMEZONE": "UTC"}])
+def test_the_window_job_follows_the_cron_schedule(app):
+    """The default schedule opens the window at 03:00 UTC: next 03:00 after any instant."""
+    trigger = app.extensions["ollamamq.scheduler"].get_job(DOWNLOADS_JOB).trigger
+    day = datetime(2030, 6, 15, tzinfo=UTC)  # a fixed instant: the trigger reads no clock
+    assert trigger.get_next_fire_time(None, day.replace(hour=2, minute=59)) == day.replace(hour=3)
+    later = trigger.get_next_fire_time(None, day.replace(hour=3, second=1))
+    assert later == datetime(2030, 6, 16, 3, 0, tzinfo=UTC)
+
+
 @pytest.mark.parametrize("config", [{"QUEUE_TIMEZONE": "UTC", "QUEUE_WINDOW_MINUTES": 90}])
-def test_schedule_fires_at_the_cron_time(app, monkeypatch):
-    """A fake clock walks the real scheduler past 03:00; the window opens then, not before."""
+def test_the_running_scheduler_opens_the_window_when_its_time_comes(app, monkeypatch):
+    """The real scheduler on the real clock: the job waits for the next 03:00, runs when due."""
     opened = Event()
     monkeypatch.setattr(app.extensions["ollamamq.pulls"], "open_window", lambda _: opened.set())
-    monkeypatch.setattr(apscheduler.schedulers.base, "datetime", FakeClock)
-    monkeypatch.setattr(apscheduler.executors.base, "datetime", FakeClock)  # misfire check
-    monkeypatch.setattr(FakeClock, "current", datetime(2026, 11, 25, 14, 0, tzinfo=UTC))
     scheduler = app.extensions["ollamamq.scheduler"]
     scheduler.start()
     try:
         job = scheduler.get_job(DOWNLOADS_JOB)
-        assert job.next_run_time == datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
-        FakeClock.current = datetime(2026, 11, 26, 2, 59, tzinfo=UTC)
-        scheduler.scheduler._process_jobs()
-        assert not opened.wait(0.2)
-        FakeClock.current = datetime(2026, 11, 26, 3, 0, 1, tzinfo=UTC)
-        scheduler.scheduler._process_jobs()
-        assert opened.wait(5)
-        assert job.next_run_time == datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+        now = datetime.now(UTC)
+        assert now < job.next_run_time == job.trigger.get_next_fire_time(None, now)
+        assert not opened.is_set()
+        scheduler.modify_job(DOWNLOADS_JOB, next_run_time=datetime.now(UTC))  # its time comes
+        assert opened.wait(10)
+        job = scheduler.get_job(DOWNLOADS_JOB)
+        assert job.next_run_time == job.trigger.get_next_fire_time(None, datetime.now(UTC))
     finally:
         scheduler.shutdown(wait=False)
-
-
-class FakeClock(datetime):
-    """datetime whose now() is whatever the test says."""
-
-    current = datetime(2000, 1, 1, tzinfo=UTC)
-
-    @classmethod
-    def now(cls, tz=None):
-        return cls.current.astimezone(tz) if tz else cls.current
 
 
 def test_processing_refuses_a_plain_cross_site_form(proxy, app):

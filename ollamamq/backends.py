@@ -124,6 +124,13 @@ class Backend:
             log.info("backend %s is up again", self.name)
         self.is_up, self.error = True, None
 
+    def refresh_models(self, timeout: float) -> None:
+        """Re-read the installed models (a miss may be a model added behind our back)."""
+        try:
+            self.models = frozenset(self._installed(timeout))
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            log.warning("refreshing the models of %s failed: %s", self.name, exc)
+
     def _installed(self, timeout: float) -> list[str]:
         """Models from /api/tags, or /v1/models for a backend that speaks only OpenAI."""
         response = self.session.get(self.url + "/api/tags", timeout=timeout)
@@ -166,6 +173,7 @@ class BackendPool:
         self.backends = [Backend(*parse_backend(s, default_slots)) for s in specs]
         self.interval = interval
         self._loop: gevent.Greenlet | None = None
+        self._refreshing: gevent.Greenlet | None = None  # the catalog refresh misses share
 
     def __iter__(self):
         return iter(self.backends)
@@ -194,8 +202,28 @@ class BackendPool:
         return [b for b in self.backends if b.is_up] or self.backends
 
     def has_model(self, model: str) -> bool:
-        """Whether a healthy backend may serve `model`."""
+        """Whether a healthy backend may serve `model`, asking them again on a miss.
+
+        The catalogs are read every `interval`; a model pulled or created since would get a
+        false 404 until then. Misses arriving together share one refresh.
+        """
+        if any(b.has_model(model) for b in self.candidates()):
+            return True
+        self._refresh_models()
         return any(b.has_model(model) for b in self.candidates())
+
+    def _refresh_models(self) -> None:
+        if self._refreshing is None:
+            timeout = min(self.interval, 5.0)
+            backends = [b for b in self.backends if b.is_up]
+            self._refreshing = gevent.spawn(
+                lambda: gevent.joinall([gevent.spawn(b.refresh_models, timeout) for b in backends])
+            )
+            self._refreshing.name = "ollamamq-catalog-refresh"
+        refreshing = self._refreshing
+        refreshing.join()
+        if self._refreshing is refreshing:
+            self._refreshing = None
 
     def backend_for(self, model: str | None) -> Backend:
         """The backend for a call that needs no slot: a healthy one with `model`, if named."""

@@ -6,14 +6,16 @@ import contextlib
 from collections.abc import Iterator
 
 import gevent
+import ollama
 import openai
 import pytest
 import requests
 from gevent.event import Event
 
 from ollamamq import create_app
+from ollamamq.backends import BackendPool
 from tests.conftest import Calls, served, settings, wait_arrivals
-from tests.fake_ollama import FakeOllama
+from tests.fake_ollama import FakeOllama, model_entry
 from tests.test_lifecycle import raw_request
 
 
@@ -199,3 +201,49 @@ def test_waiting_stream_stays_silent_until_served(fake, proxy, calls):
 @pytest.mark.parametrize("config", [{"FAIRNESS": "requests"}])
 def test_request_fairness_can_be_chosen(app):
     assert app.extensions["ollamamq"].queue.fairness == "requests"
+
+
+def test_a_model_added_behind_the_proxys_back_is_served_at_once():
+    with backends(["llama3"]) as (fake,), proxy_for([fake.url]) as (url, app):
+        assert chat(url).status_code == 200  # the catalog is read: llama3 only
+        fake.models["mistral:latest"] = model_entry("mistral:latest")  # `ollama pull` there
+        assert chat(url, "mistral").status_code == 200
+        assert chat(url, "phi3").status_code == 404
+
+
+def test_misses_arriving_together_share_one_catalog_refresh(monkeypatch):
+    pool = BackendPool(["http://127.0.0.1:9#1"], 1, interval=3600)
+    pool.backends[0].models = frozenset({"llama3:latest"})
+    started, gate, refreshes = Event(), Event(), []
+
+    def refresh(timeout: float) -> None:
+        refreshes.append(timeout)
+        started.set()
+        gate.wait()
+
+    monkeypatch.setattr(pool.backends[0], "refresh_models", refresh)
+    misses = [gevent.spawn(pool.has_model, "mistral") for _ in range(5)]
+    started.wait()  # every miss has run up to its wait by now: greenlets run in spawn order
+    gate.set()
+    gevent.joinall(misses)
+    assert [m.value for m in misses] == [False] * 5 and len(refreshes) == 1
+
+
+def test_listings_with_every_backend_down_are_a_502_naming_them():
+    with backends(["llama3"], ["qwen2:0.5b"]) as (one, two):
+        with proxy_for([one.url, two.url]) as (url, _):
+            one.stop()
+            tags = requests.get(f"{url}/api/tags", timeout=10)
+            assert tags.status_code == 200  # the union of what answered
+            assert [m["model"] for m in tags.json()["models"]] == ["qwen2:0.5b"]
+            two.stop()
+            for path in ("/api/tags", "/api/ps"):
+                down = requests.get(f"{url}{path}", timeout=10)
+                assert down.status_code == 502
+                assert "no backend answered" in down.json()["error"]
+                assert one.url.split("://")[1] in down.json()["error"]
+            models = requests.get(f"{url}/v1/models", timeout=10)
+            assert models.status_code == 502 and models.json()["error"]["type"] == "api_error"
+            with ollama.Client(host=url) as client, pytest.raises(ollama.ResponseError) as raised:
+                client.list()
+            assert raised.value.status_code == 502

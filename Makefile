@@ -29,9 +29,14 @@ lint: $(VENV)/.test
 # depend on the date it runs at.
 CLOCK_TESTS := tests/test_downloads.py tests/test_downloads_persist.py
 
-test: system-deps lint
+# The official ollama JavaScript library, for tests/test_js_client.py: local, nothing global.
+tests/node_modules/.installed: tests/package.json tests/package-lock.json
+	npm ci --prefix tests --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: system-deps lint tests/node_modules/.installed
 	$(VENV)/bin/pytest
-	faketime -f +400d $(VENV)/bin/pytest -q -p no:cacheprovider $(CLOCK_TESTS)
+	faketime -f +400d $(VENV)/bin/pytest -q $(CLOCK_TESTS)
 
 bench: $(VENV)/.test
 	$(PY) bench/proxy_bench.py

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Debian packages the test suite drives for real: a headless browser, Redis, PostgreSQL,
 # faketime (the scheduler tests run once more under a clock 400 days ahead), and Node.js
-# with npm for the official ollama JavaScript library's tests.
+# with npm for the official ollama JavaScript library's tests; systemd-analyze verifies the unit.
 set -eu
 need=""
 command -v chromium >/dev/null 2>&1 || need="$need chromium"
@@ -10,6 +10,7 @@ command -v redis-server >/dev/null 2>&1 || need="$need redis-server"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$need postgresql"
 command -v faketime >/dev/null 2>&1 || need="$need faketime"
 command -v npm >/dev/null 2>&1 || need="$need nodejs npm"
+command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
 [ -z "$need" ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

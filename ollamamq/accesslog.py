@@ -76,11 +76,11 @@ def build(seen: dict[str, Any], ticket: Any, arrived: float) -> Finished:
 
 def _seen(response: Response) -> dict[str, Any]:
     """What is known when the view returns: who, what was called, the status sent."""
-    from .relay import user_of  # the one seam that says who someone is
+    from .identity import seen_user  # the one seam that says who someone is
 
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
     return {
-        "user": user_of(),
+        "user": seen_user(),
         "method": request.method,
         "path": request.path,
         "endpoint": rule,

@@ -25,6 +25,7 @@ from .auth import (
     require_admin_page,
 )
 from .extensions import limiter
+from .services import keys as key_ring
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 bp.record_once(lambda state: formats.register(state.app))
@@ -101,6 +102,26 @@ def queue() -> str:
 def downloads() -> str:
     """Download jobs with progress; process, cancel, retry, remove."""
     return live_page("downloads")
+
+
+@bp.route("/keys", methods=["GET", "POST"])
+@require_admin_page
+def keys() -> tuple[str, int] | str:
+    """API keys: create one (shown once, here), list them, revoke."""
+    created, error = None, None
+    if request.method == "POST":
+        form = request.form
+        try:
+            days = float(form["expires_days"]) if form.get("expires_days") else None
+            created = key_ring().create(
+                form.get("user", ""), form.get("role", "user"), days, form.get("note", "")
+            )[0]
+        except ValueError as exc:
+            error = str(exc)
+    page = render_template(
+        "admin/keys.html", page="keys", created=created, error=error, **views.keys_data()
+    )
+    return (page, 400) if error else page
 
 
 @bp.get("/settings")

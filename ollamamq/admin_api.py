@@ -23,7 +23,7 @@ from .errors import json_error
 from .extensions import limiter
 from .pulls import JobView, PullService
 from .residency import ResidencyError, change
-from .services import dispatcher, pulls, user_settings
+from .services import dispatcher, keys, pulls, user_settings
 
 bp = Blueprint("admin_api", __name__, url_prefix="/admin/api")
 limiter.limit(login_limit, deduct_when=is_failed_attempt)(bp)  # wrong Bearer passwords
@@ -102,6 +102,39 @@ def update_user(user: str) -> Response:
     return done(
         f"user {user} updated", user=user, weight=row.weight, vip=row.vip, blocked=row.blocked
     )
+
+
+@bp.get("/keys")
+def list_keys() -> Response:
+    """Every API key (prefix, user, role, last use, expiry); never a key itself."""
+    return jsonify(views.keys_data())
+
+
+@bp.post("/keys")
+def create_key() -> Response:
+    """A new key: `user`, `role`, `expires_days`, `note`. The answer is the only copy."""
+    fields = request.get_json(silent=True) or request.form.to_dict()
+    if not isinstance(fields, dict):
+        return json_error(400, "send a JSON object: user, role, expires_days, note")
+    try:
+        key, view = keys().create(
+            str(fields.get("user") or ""),
+            str(fields.get("role") or "user"),
+            float(fields["expires_days"]) if fields.get("expires_days") else None,
+            str(fields.get("note") or ""),
+        )
+    except ValueError as exc:
+        return json_error(400, str(exc))
+    return done(f"key {view.id} created for {view.user}", 201, key=key, **views.key_dict(view))
+
+
+@bp.post("/keys/<int:key_id>/revoke")
+def revoke_key(key_id: int) -> Response:
+    """Revoke a key: refused from now on, here and (within a second) in other processes."""
+    view = keys().revoke(key_id)
+    if view is None:
+        return json_error(404, f"no key {key_id}")
+    return done(f"key {key_id} of {view.user} revoked", **views.key_dict(view))
 
 
 @bp.post("/queue/<int:ticket_id>/cancel")

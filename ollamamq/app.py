@@ -19,6 +19,7 @@ from .config import Config
 from .dispatcher import Dispatcher
 from .extensions import db, limiter, migrate
 from .fairshare import FairQueue
+from .identity import init_identity
 from .jobs import init_scheduler
 from .pulls import PullService
 from .users import UserSettings
@@ -52,6 +53,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin.bp)
     app.register_blueprint(admin_api.bp)
     accesslog.init_app(app, on_finish=[prometheus.init_app(app).observe])
+    init_identity(app)  # after the access log's hook: a refused request is logged too
     return app
 
 
@@ -80,6 +82,7 @@ def start_services(app: Flask) -> None:
             flask_migrate.upgrade(directory=MIGRATIONS)
         app.extensions["ollamamq.pulls"].recover()
         app.extensions["ollamamq.users"].load()
+    app.extensions["ollamamq.keys"].start()
     dispatcher: Dispatcher = app.extensions["ollamamq"]
     dispatcher.start()
     dispatcher.pool.start(on_change=dispatcher.wake)
@@ -91,6 +94,7 @@ def stop_services(app: Flask) -> None:
     scheduler = app.extensions["ollamamq.scheduler"]
     if scheduler.running:
         scheduler.shutdown(wait=False)
+    app.extensions["ollamamq.keys"].stop()
     dispatcher: Dispatcher = app.extensions["ollamamq"]
     dispatcher.pool.stop()
     dispatcher.stop()

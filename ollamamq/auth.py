@@ -16,6 +16,7 @@ from werkzeug.exceptions import Forbidden
 
 from .errors import json_error
 from .extensions import csrf
+from .keys import KEY_PREFIX, RING_KEY
 
 F = TypeVar("F", bound=Callable)
 HASH_KEY = "ollamamq.admin_hash"
@@ -69,19 +70,30 @@ def password_matches(candidate: str) -> bool:
 
 
 def bearer() -> str | None:
-    """The password sent as `Authorization: Bearer <password>`, if any."""
+    """The password or key sent as `Authorization: Bearer <secret>`, if any."""
     auth = request.headers.get("Authorization", "")
     return auth[7:].strip() if auth[:7].lower() == "bearer " else None
 
 
+def holds_admin_credential() -> bool:
+    """An admin API key (Bearer or X-API-Key), or the admin password as Bearer.
+
+    Keys start with `omq_`; anything else is checked as the password, never as a key.
+    """
+    token = bearer() or request.headers.get("X-API-Key", "").strip()
+    if not token:
+        return False
+    if token.startswith(KEY_PREFIX):
+        entry = current_app.extensions[RING_KEY].find(token)
+        return entry is not None and entry.role == "admin"
+    return password_matches(token)
+
+
 def is_admin() -> bool:
-    """A logged-in session, a Bearer password, or loopback when there is no password."""
-    if not has_password():
-        return is_loopback()
-    if session.get("admin") is True:
+    """An admin key, a logged-in session, a Bearer password; loopback when no password is set."""
+    if holds_admin_credential() or session.get("admin") is True:
         return True
-    token = bearer()
-    return token is not None and password_matches(token)
+    return not has_password() and is_loopback()
 
 
 def log_in(password: str) -> bool:

@@ -20,6 +20,7 @@ from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
 from .app import MIGRATIONS, create_app, start_services, stop_services
 from .config import load_config_file, split_urls
+from .models import ROLES
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,21 @@ def build_parser(version: str) -> argparse.ArgumentParser:
         help="proxy hops trusted to set X-Forwarded-For (TRUSTED_PROXIES, 0)",
     )
     p.add_argument(
+        "--api-key",
+        action="append",
+        dest="API_KEYS",
+        metavar="KEY",
+        help="a shared key every request must carry; holders name users with X-User-ID; "
+        "repeat or comma-separate (API_KEY)",
+    )
+    p.add_argument(
+        "--allow-cidr",
+        action="append",
+        dest="ALLOW_CIDRS",
+        metavar="CIDR",
+        help="only clients in this network may use the proxy; repeat for several (ALLOW_CIDR)",
+    )
+    p.add_argument(
         "--health-interval",
         type=float,
         dest="HEALTH_INTERVAL",
@@ -144,6 +160,16 @@ def build_parser(version: str) -> argparse.ArgumentParser:
     downloads = commands.add_parser("downloads", help="the download queue, without a browser")
     downloads.add_argument("action", choices=["list", "process", "remove"])
     downloads.add_argument("model", nargs="?", help="the model to remove")
+    keys = commands.add_parser("keys", help="per-user API keys: create, list, revoke")
+    actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="a new key for USER, printed once")
+    create.add_argument("user")
+    create.add_argument("--role", choices=ROLES, default="user")
+    create.add_argument("--expires-days", type=float, metavar="N")
+    create.add_argument("--note", default="", metavar="TEXT")
+    actions.add_parser("list", help="every key: id, prefix, user, role, last use, expiry")
+    revoke = actions.add_parser("revoke", help="revoke the key with this ID")
+    revoke.add_argument("id", type=int)
     top = commands.add_parser("top", help="live terminal dashboard of a running proxy")
     top.add_argument("--url", default="http://127.0.0.1:11435", help="the proxy to watch")
     top.add_argument("--password", help="admin password (OLLAMAMQ_ADMIN_PASSWORD)")
@@ -154,8 +180,9 @@ def build_parser(version: str) -> argparse.ArgumentParser:
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     """Settings from the config file, then the command line, which wins."""
     given = {k: v for k, v in vars(args).items() if k.isupper() and v is not None}
-    if "OLLAMA_URLS" in given:
-        given["OLLAMA_URLS"] = split_urls(given["OLLAMA_URLS"])
+    for listed in ("OLLAMA_URLS", "API_KEYS", "ALLOW_CIDRS"):
+        if listed in given:
+            given[listed] = split_urls(given[listed])
     from_file = load_config_file(args.config) if args.config else {}
     return {**from_file, **given}
 
@@ -230,11 +257,22 @@ def serve(app: Flask) -> None:
     server.start()
     start_services(app)
     log.info("listening on http://%s:%d", host, server.server_port)
+    _warn_if_open(app, host)
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, server.stop)
     server.serve_forever()
     stop_services(app)
     log.info("stopped")
+
+
+def _warn_if_open(app: Flask, host: str) -> None:
+    is_local = host in ("127.0.0.1", "::1", "localhost")
+    if not is_local and not app.config["API_KEYS"] and not app.extensions["ollamamq.keys"].enforced:
+        log.warning(
+            "listening on %s with no API keys: anyone who reaches it may name any user "
+            "(create keys with `ollamamq keys create USER`)",
+            host,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,7 +291,37 @@ def main(argv: list[str] | None = None) -> None:
         if args.action == "remove" and not args.model:
             parser.error("downloads remove needs a MODEL")
         sys.exit(downloads_command(app, args.action, args.model))
+    if args.command == "keys":
+        sys.exit(keys_command(app, args))
     serve(app)
+
+
+def keys_command(app: Flask, args: argparse.Namespace) -> int:
+    """Create, list or revoke API keys in the database the server uses."""
+    with app.app_context():
+        flask_migrate.upgrade(directory=MIGRATIONS)
+        ring = app.extensions["ollamamq.keys"]
+        if args.action == "create":
+            try:
+                key, view = ring.create(args.user, args.role, args.expires_days, args.note)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(f"key {view.id} for {view.user} ({view.role}); it is shown only this once:")
+            print(key)
+            return 0
+        if args.action == "revoke":
+            view = ring.revoke(args.id)
+            print(f"revoked key {args.id} of {view.user}" if view else f"no key {args.id}")
+            return 0 if view else 1
+        for v in ring.views():
+            used = v.last_used_at.isoformat(timespec="seconds") if v.last_used_at else "never"
+            expires = v.expires_at.isoformat(timespec="seconds") if v.expires_at else "never"
+            print(
+                f"{v.id:>4}  {v.prefix}...  {v.user:<20} {v.role:<8} {v.status:<8} "
+                f"used {used}  expires {expires}  {v.note}"
+            )
+        return 0
 
 
 def downloads_command(app: Flask, action: str, model: str | None) -> int:

@@ -65,6 +65,9 @@ class Config:
     BUSY_RETRY_S = env_float("BUSY_RETRY_S", 1.0)  # a backend answering 503 rests this long
     USERS: dict[str, dict] = {}  # per-user weight / vip / blocked, from the config file
     TRUSTED_PROXIES = env_int("TRUSTED_PROXIES", 0)  # proxy hops allowed to set X-Forwarded-For
+    API_KEYS = split_urls(os.environ.get("API_KEY", ""))  # shared keys (ollamaMQ's --api-key)
+    KEY_FAILURE_LIMIT = os.environ.get("KEY_FAILURE_LIMIT", "20 per minute")  # bad keys per IP
+    ALLOW_CIDRS = split_urls(os.environ.get("ALLOW_CIDR", ""))  # networks allowed; none: all
     LOG_FILE = os.environ.get("LOG_FILE", "ollamamq.log")  # "" logs to stderr only
     LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
     LOG_FORMAT = os.environ.get("LOG_FORMAT", "text")  # "text" or "json" (one object per line)

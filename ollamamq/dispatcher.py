@@ -185,6 +185,11 @@ class Dispatcher:
         log.info("a request of user %s for %s was %s", ticket.user, ticket.path, reason)
         return True
 
+    def is_blocked(self, user: str) -> bool:
+        """Whether an operator blocked `user`."""
+        account = self.queue.accounts.get(user)
+        return account is not None and account.is_blocked
+
     def configure_user(self, user: str, weight: float, vip: bool, blocked: bool) -> None:
         """Set a user's share weight, absolute priority and blocked flag."""
         account = self.queue.account(user)

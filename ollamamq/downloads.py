@@ -11,6 +11,7 @@ from limits import parse
 from .auth import bearer, is_failed_attempt, login_limit, require_admin
 from .errors import json_error
 from .extensions import client_address, limiter
+from .identity import current
 from .pulls import JobView
 from .relay import serve_direct
 from .services import pulls
@@ -44,12 +45,18 @@ def queued_record(job: JobView, created: bool) -> dict:
     }
 
 
+def quota_holder() -> str:
+    """Who the daily quota counts: the key's user with keys, else the client address."""
+    identity = current()
+    return f"user:{identity.user}" if identity.key_id is not None else client_address()
+
+
 def quota_retry_after() -> int | None:
     """Count a new download against the caller's daily quota; seconds to wait if spent."""
     limit = parse(f"{current_app.config['RATE_LIMIT']}/day")
-    if limiter.limiter.hit(limit, "pull-quota", client_address()):
+    if limiter.limiter.hit(limit, "pull-quota", quota_holder()):
         return None
-    stats = limiter.limiter.get_window_stats(limit, "pull-quota", client_address())
+    stats = limiter.limiter.get_window_stats(limit, "pull-quota", quota_holder())
     return max(1, int(stats.reset_time - time.time()))
 
 
@@ -86,10 +93,10 @@ def pull() -> Response:
         limit = current_app.config["RATE_LIMIT"]
         return json_error(
             429,
-            f"download quota exceeded: {limit} new models per day per client address",
+            f"download quota exceeded: {limit} new models per day",
             retry_after,
         )
-    job, created = service.enqueue(model, client_address(), request.headers.get("X-User-ID"))
+    job, created = service.enqueue(model, client_address(), current().user)
     if not (created and service.is_window_open()):
         return answer(queued_record(job, created), stream)
     progress = service.watch(job.id)

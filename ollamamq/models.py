@@ -1,4 +1,4 @@
-"""Persistent state: the download queue."""
+"""Persistent state: the download queue, user settings and API keys."""
 
 from __future__ import annotations
 
@@ -70,3 +70,25 @@ class UserSetting(db.Model):
     vip: Mapped[bool] = mapped_column(default=False)
     blocked: Mapped[bool] = mapped_column(default=False)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+ROLES = ("user", "gateway", "admin")
+
+
+class ApiKey(db.Model):
+    """A per-user API key: only its hash is stored; the key itself is shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 of the key, hex
+    prefix: Mapped[str] = mapped_column(
+        String(16)
+    )  # "omq_" and a few characters, to tell keys apart
+    user: Mapped[str] = mapped_column(String(200), index=True)
+    role: Mapped[str] = mapped_column(String(10), default="user")
+    note: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]

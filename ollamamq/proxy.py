@@ -7,8 +7,9 @@ from sqlalchemy import text
 
 from .catalog import queued_entry, union
 from .extensions import db
+from .identity import user_of
 from .payloads import model_named
-from .relay import serve_direct, serve_queued, user_of
+from .relay import serve_direct, serve_queued
 from .services import dispatcher, pulls, scheduler
 
 bp = Blueprint("proxy", __name__)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 import time
@@ -18,6 +17,7 @@ from .backends import Backend
 from .dispatcher import Dispatcher, QueueFull, Ticket, UserBlocked
 from .errors import json_error
 from .fairshare import normalize_model
+from .identity import user_of
 from .payloads import ask_for_usage, estimate_input_tokens, output_limit, parse_request
 from .services import dispatcher
 from .upstream import (
@@ -40,17 +40,6 @@ log = logging.getLogger(__name__)
 SOCKET_KEYS = ("ollamamq.socket", "gunicorn.socket")  # where servers put the client socket
 RETRIES = 30  # busy or dead backends a request may meet before the client hears of it
 RelayedOrError = HTTPResponse | Response
-
-
-def user_of() -> str:
-    """X-User-ID, else a fingerprint of the API key, else the client address."""
-    user = request.headers.get("X-User-ID", "").strip()
-    if user:
-        return user[: current_app.config["USER_ID_MAX_LENGTH"]]
-    auth = request.headers.get("Authorization", "")
-    if auth.lower().startswith("bearer ") and auth[7:].strip():
-        return "key-" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:12]
-    return request.remote_addr or "unknown"
 
 
 def timeouts() -> tuple[float, float]:

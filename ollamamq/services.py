@@ -6,6 +6,7 @@ from flask import current_app
 from flask_apscheduler import APScheduler
 
 from .dispatcher import Dispatcher
+from .keys import RING_KEY, KeyRing
 from .pulls import PullService
 from .users import UserSettings
 
@@ -28,3 +29,8 @@ def user_settings() -> UserSettings:
 def scheduler() -> APScheduler:
     """The app's scheduler."""
     return current_app.extensions["ollamamq.scheduler"]
+
+
+def keys() -> KeyRing:
+    """The app's API keys."""
+    return current_app.extensions[RING_KEY]

@@ -17,7 +17,8 @@ from flask import current_app
 
 from .backends import BackendStatus, RunningModel
 from .config import Config
-from .services import dispatcher, pulls
+from .keys import KeyView
+from .services import dispatcher, keys, pulls
 from .snapshot import Snapshot, UserView
 
 MASK = "********"
@@ -50,6 +51,27 @@ def iso(moment: float | datetime | None) -> str | None:
 
 
 # -- the JSON API's answers -------------------------------------------------------------------
+
+
+def key_dict(view: KeyView) -> dict:
+    """A key as the admin lists it: everything but the key itself, which nobody keeps."""
+    return {
+        "id": view.id,
+        "prefix": view.prefix,
+        "user": view.user,
+        "role": view.role,
+        "note": view.note,
+        "status": view.status,
+        "created_at": iso(view.created_at),
+        "expires_at": iso(view.expires_at),
+        "last_used_at": iso(view.last_used_at),
+        "revoked_at": iso(view.revoked_at),
+    }
+
+
+def keys_data() -> dict:
+    """Every API key, newest first, and whether keys are required."""
+    return {"required": keys().enforced, "keys": [key_dict(v) for v in keys().views()]}
 
 
 def overview_data() -> dict:

@@ -66,7 +66,21 @@
     } catch (error) {
       toast("The proxy did not answer: " + error.message);
     }
-    refresh();
+    if (live) refresh();
+    else location.replace(location.pathname); // a page without a live part: show the change
+  });
+
+  // Copy buttons: the text of the element they name, e.g. a key shown once.
+  document.addEventListener("click", async (event) => {
+    const button = event.target.closest("[data-copy]");
+    if (!button) return;
+    const text = document.getElementById(button.dataset.copy).textContent;
+    try {
+      await navigator.clipboard.writeText(text);
+      toast("Copied.");
+    } catch (error) {
+      toast("Copy failed: select the key and copy it by hand.");
+    }
   });
 
   if (live) setInterval(() => { if (!document.hidden) refresh(); }, INTERVAL_MS);

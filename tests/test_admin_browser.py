@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gevent
+import openai
 import pytest
 import requests
 from gevent.event import Event
@@ -22,6 +23,7 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import WAIT_LIMIT
+from tests.test_clients import HI
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -188,3 +190,27 @@ def test_processing_the_queue_fills_the_progress_bar(proxy, app, fake, browser, 
     bar = browser.find_element(By.CSS_SELECTOR, f"{mistral} .progress")
     assert bar.get_attribute("aria-valuenow") == "100.0"
     app.extensions["ollamamq.pulls"].wait()
+
+
+@pytest.mark.parametrize("config", [{"ADMIN_PASSWORD": PASSWORD}])
+def test_a_key_made_on_the_keys_page_works_until_it_is_revoked_there(proxy, browser, shots):
+    log_in(browser, proxy, shots)
+    browser.get(f"{proxy}/admin/keys")
+    browser.find_element(By.NAME, "user").send_keys("dana")
+    browser.find_element(By.NAME, "note").send_keys("notebook")
+    browser.find_element(By.CSS_SELECTOR, "#create-key button[type=submit]").click()
+    waiter(browser).until(lambda d: text_of(d, "#created-key"))
+    key = text_of(browser, "#created-key")
+    assert key.startswith("omq_") and browser.find_element(By.CSS_SELECTOR, "[data-copy]")
+    screenshot(browser, shots, "keys")
+    with openai.OpenAI(base_url=f"{proxy}/v1", api_key=key, max_retries=0) as client:
+        reply = client.chat.completions.create(model="llama3", messages=HI)
+        assert reply.choices[0].message.content
+        browser.get(f"{proxy}/admin/keys")  # reloaded: the key is never shown again
+        assert text_of(browser, "#created-key") is None and key not in browser.page_source
+        assert text_of(browser, "tr[data-key] .status") == "active"
+        click(browser, "tr[data-key] form button")
+        confirm(browser)
+        waiter(browser).until(lambda d: text_of(d, "tr[data-key] .status") == "revoked")
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model="llama3", messages=HI)

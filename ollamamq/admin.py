@@ -9,7 +9,7 @@ from flask_limiter import RateLimitExceeded
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
-from . import formats, views
+from . import audit, formats, views
 from .auth import (
     LoopbackOnly,
     check_csrf,
@@ -30,6 +30,7 @@ from .services import keys as key_ring
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 bp.record_once(lambda state: formats.register(state.app))
 bp.after_request(private)
+bp.after_request(audit.record_response)  # logins, logouts, keys made on the page
 
 
 def users_view() -> dict:
@@ -122,6 +123,13 @@ def keys() -> tuple[str, int] | str:
         "admin/keys.html", page="keys", created=created, error=error, **views.keys_data()
     )
     return (page, 400) if error else page
+
+
+@bp.get("/activity")
+@require_admin_page
+def activity() -> str:
+    """The audit trail: who did what, when, from where."""
+    return render_template("admin/activity.html", page="activity", events=audit.events())
 
 
 @bp.get("/settings")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, redirect, request, url_for
 
-from . import views
+from . import audit, views
 from .auth import (
     check_csrf,
     is_admin,
@@ -28,6 +28,7 @@ from .services import dispatcher, keys, pulls, user_settings
 bp = Blueprint("admin_api", __name__, url_prefix="/admin/api")
 limiter.limit(login_limit, deduct_when=is_failed_attempt)(bp)  # wrong Bearer passwords
 bp.after_request(private)
+bp.after_request(audit.record_response)  # every action, allowed or not, in the trail
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
@@ -104,6 +105,12 @@ def update_user(user: str) -> Response:
     )
 
 
+@bp.get("/audit")
+def audit_trail() -> Response:
+    """Admin actions and key events, newest first."""
+    return jsonify(events=audit.events())
+
+
 @bp.get("/keys")
 def list_keys() -> Response:
     """Every API key (prefix, user, role, last use, expiry); never a key itself."""
@@ -125,7 +132,7 @@ def create_key() -> Response:
         )
     except ValueError as exc:
         return json_error(400, str(exc))
-    return done(f"key {view.id} created for {view.user}", 201, key=key, **views.key_dict(view))
+    return done(f"key {view.id} created for {view.user}", 201, key=key, entry=views.key_dict(view))
 
 
 @bp.post("/keys/<int:key_id>/revoke")
@@ -134,7 +141,7 @@ def revoke_key(key_id: int) -> Response:
     view = keys().revoke(key_id)
     if view is None:
         return json_error(404, f"no key {key_id}")
-    return done(f"key {key_id} of {view.user} revoked", **views.key_dict(view))
+    return done(f"key {key_id} of {view.user} revoked", entry=views.key_dict(view))
 
 
 @bp.post("/queue/<int:ticket_id>/cancel")

@@ -18,6 +18,7 @@ import gevent
 from flask import Flask
 from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
+from . import audit
 from .app import MIGRATIONS, create_app, start_services, stop_services
 from .config import load_config_file, split_urls
 from .models import ROLES
@@ -307,11 +308,13 @@ def keys_command(app: Flask, args: argparse.Namespace) -> int:
             except ValueError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
+            audit.record("create_key", view.user, f"role={view.role} id={view.id}", 201)
             print(f"key {view.id} for {view.user} ({view.role}); it is shown only this once:")
             print(key)
             return 0
         if args.action == "revoke":
             view = ring.revoke(args.id)
+            audit.record("revoke_key", str(args.id), "", 200 if view else 404)
             print(f"revoked key {args.id} of {view.user}" if view else f"no key {args.id}")
             return 0 if view else 1
         for v in ring.views():

@@ -8,6 +8,7 @@ import time
 from flask import Blueprint, Response, current_app, jsonify, request
 from limits import parse
 
+from .audit import record
 from .auth import bearer, is_failed_attempt, login_limit, require_admin
 from .errors import json_error
 from .extensions import client_address, limiter
@@ -152,6 +153,7 @@ def process_now() -> Response:
     service = pulls()
     pending = [j.id for j in service.pending() if ids is None or j.id in ids]
     service.process(ids)
+    record("process_now", "downloads", f"jobs={pending}", 202)
     return jsonify(status="processing", jobs=pending), 202
 
 

@@ -272,3 +272,33 @@ def test_open_mode_is_as_before(app, proxy):
     assert chat(proxy, user="anyone").status_code == 200
     assert chat(proxy, "any-token").status_code == 200  # a bearer token is a fingerprint
     assert "anyone" in users_seen(app) and app.extensions["ollamamq.keys"].enforced is False
+
+
+@pytest.mark.parametrize("config", [{"ADMIN_PASSWORD": "s3cret"}])
+def test_admin_actions_and_key_events_are_in_the_audit_trail_without_secrets(app, proxy):
+    admin = {"Authorization": "Bearer s3cret"}
+    made = requests.post(
+        f"{proxy}/admin/api/keys", json={"user": "ana", "role": "user"}, headers=admin, timeout=10
+    )
+    assert made.status_code == 201
+    key, key_id = made.json()["key"], made.json()["entry"]["id"]
+    chat(proxy, key)
+    requests.post(f"{proxy}/admin/api/users/ana/block", headers=admin, timeout=10)
+    requests.post(f"{proxy}/admin/api/keys/{key_id}/revoke", headers=admin, timeout=10)
+    wrong = {"Authorization": "Bearer guess"}
+    assert requests.get(f"{proxy}/admin/api/keys", headers=wrong, timeout=10).status_code == 401
+    requests.post(f"{proxy}/admin/login", data={"password": "guess"}, timeout=10)
+    trail = requests.get(f"{proxy}/admin/api/audit", headers=admin, timeout=10).json()["events"]
+    actions = [(e["action"], e["target"], e["status"]) for e in reversed(trail)]
+    assert actions[:3] == [
+        ("create_key", "", 201),
+        ("block", "ana/block", 200),
+        ("revoke_key", str(key_id), 200),
+    ]
+    assert trail[0]["action"] == "login" and trail[0]["status"] in (400, 401)
+    assert {e["actor"] for e in trail[1:]} == {"admin password"}
+    assert {e["address"] for e in trail} == {"127.0.0.1"}
+    assert "user=ana" in trail[-1]["detail"]
+    assert "s3cret" not in repr(trail) and key not in repr(trail) and "guess" not in repr(trail)
+    page = requests.get(f"{proxy}/admin/activity", headers=admin, timeout=10)
+    assert page.status_code == 200 and "revoke_key" in page.text

@@ -46,6 +46,9 @@ from bench.servers import Server
 log = logging.getLogger("bench.fairness")
 
 MODES = ("requests", "tokens")
+SCENARIOS = ("heavy", "rotating")
+ROTATING_OUTSTANDING = 6  # the rotating-id attacker's requests in flight
+LIGHT_SHARE_TARGET = 0.10  # rotating: the light user's share of completed requests
 PROMPT = "please answer at exactly the length the options ask for"  # the same for every user
 MAX_REQUESTS = 100_000  # per greenlet: a bound besides the window's end
 MAX_QUEUE = 1000  # --max-queue-per-user: the heavy user's backlog must never be refused
@@ -66,6 +69,7 @@ class User:
     outstanding: int
     tokens: int
     think: float = 0.0  # seconds between a reply and the next request; 0: always backlogged
+    rotate: bool = False  # a fresh X-User-ID for every request (ids cost nothing without keys)
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="mean seconds a light user thinks between requests (0: always backlogged)",
     )
     p.add_argument("--modes", default=",".join(MODES), help="comma list of fairness modes")
+    p.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="heavy",
+        help="heavy: one heavy user, light ones; rotating: a fresh id per request "
+        "(6 outstanding) against one light user with 1 outstanding",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
     args = p.parse_args(argv)
     if args.quick:
@@ -178,7 +189,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def users_of(args: argparse.Namespace) -> list[User]:
-    """The heavy user first, then the light ones."""
+    """The heavy user (or attacker) first, then the light ones."""
+    if args.scenario == "rotating":
+        attacker = User("rotating", ROTATING_OUTSTANDING, args.light_tokens, rotate=True)
+        return [attacker, User("light-1", 1, args.light_tokens)]
     light = [
         User(f"light-{i + 1}", args.light_outstanding, args.light_tokens, args.light_think)
         for i in range(args.light_users)
@@ -236,10 +250,11 @@ def worker(url: str, user: User, track: Track, until: float, seed: str) -> None:
     body = chat(user.tokens, PROMPT)
     thinking = random.Random(seed)  # exponential think times: users must not move in step
     try:
-        for _ in range(MAX_REQUESTS):
+        for n in range(MAX_REQUESTS):
             if time.monotonic() >= until:
                 break
-            track.done.append(exchange(conn, body, user.name, track))
+            name = f"{seed}-{n}" if user.rotate else user.name
+            track.done.append(exchange(conn, body, name, track))
             pause = thinking.expovariate(1 / user.think) if user.think else 0.0
             pause = pause if track.done[-1].ok else max(pause, ERROR_PAUSE)
             gevent.sleep(min(pause, max(0.0, until - time.monotonic())))
@@ -371,8 +386,10 @@ def summarize(users: list[User], tracks: dict[str, Track], seconds: float) -> di
     rows = [user_row(user, tracks[user.name]) for user in users]
     backlogged = [r for r in rows if r["busy_pct"] >= BACKLOGGED_PCT]
     total = sum(r["tokens"] for r in rows)
+    completed = sum(r["completed"] for r in rows)
     for r in rows:
         r["share_pct"] = round(100 * r["tokens"] / total, 1) if total else 0.0
+        r["request_share_pct"] = round(100 * r["completed"] / completed, 1) if completed else 0.0
     done = [d for t in tracks.values() for d in t.counted() if d.ok and d.wait_s is not None]
     heavy = [d for d in tracks[users[0].name].counted() if d.ok and d.wait_s is not None]
     light = [d for u in users[1:] for d in tracks[u.name].counted() if d.ok]
@@ -386,6 +403,8 @@ def summarize(users: list[User], tracks: dict[str, Track], seconds: float) -> di
         "backlogged_users": len(backlogged),
         "jain": jain([r["tokens"] for r in backlogged]),
         "jain_weighted": jain([r["tokens_in"] + 2 * r["tokens_out"] for r in backlogged]),
+        "jain_requests": jain([r["completed"] for r in backlogged]),
+        "light_request_share_pct": sum(r["request_share_pct"] for r in rows[1:]),
         "tokens_per_s": round(total / seconds, 1),
         "output_tokens_per_s": round(sum(r["tokens_out"] for r in rows) / seconds, 1),
         "requests_per_s": round(sum(r["completed"] for r in rows) / seconds, 1),
@@ -438,11 +457,11 @@ def cell(value: Any) -> str:
 
 def user_table(result: dict[str, Any]) -> str:
     """Per-user rows of one mode."""
-    keys = ["completed", "tokens", "tokens_out", "share_pct", "wait_p50_ms", "wait_p95_ms"]
-    keys += ["behind_others_p95_ms", "busy_pct", "queued_pct"]
-    header = "| user | kept × tokens | completed | tokens in+out | out | share % | wait p50 ms "
-    header += "| wait p95 ms | p95 behind others ms | outstanding % | queued % |"
-    lines = [header, "|" + "---|" * 11]
+    keys = ["completed", "request_share_pct", "tokens", "tokens_out", "share_pct"]
+    keys += ["wait_p50_ms", "wait_p95_ms", "behind_others_p95_ms", "busy_pct", "queued_pct"]
+    header = "| user | kept × tokens | completed | requests % | tokens in+out | out | share % "
+    header += "| wait p50 ms | wait p95 ms | p95 behind others ms | outstanding % | queued % |"
+    lines = [header, "|" + "---|" * 12]
     for r in result["users"]:
         kept = f"{r['outstanding']} × {r['tokens_asked']}"
         lines.append(f"| {r['user']} | {kept} | {' | '.join(cell(r[k]) for k in keys)} |")
@@ -454,6 +473,8 @@ SUMMARY: list[tuple[str, str, str, str | None]] = [
     (f"users backlogged (≥ {BACKLOGGED_PCT:g}% outstanding)", "backlogged_users", "", None),
     ("Jain's index over them, tokens in+out", "jain", f"≥ {JAIN_TARGET}", "jain"),
     ("Jain's index, in + 2·out (the proxy's measure)", "jain_weighted", "", None),
+    ("Jain's index over them, completed requests", "jain_requests", "", None),
+    ("light users' share of completed requests, %", "light_request_share_pct", "", None),
     ("throughput, output tokens/s", "output_tokens_per_s", "", None),
     ("throughput, tokens/s (in+out)", "tokens_per_s", "", None),
     ("requests/s", "requests_per_s", "", None),

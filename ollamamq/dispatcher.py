@@ -76,11 +76,12 @@ class Ticket:
         self.user = user
         self.model = model
         self.path = path
+        self.enqueued_at = time.monotonic()
         self.item = Waiting(user, model, estimate, max_output, self, backend=backend)
+        self.item.enqueued_at = self.enqueued_at
         self.granted = Event()
         self.backend: Backend | None = None
         self.state = WAITING
-        self.enqueued_at = time.monotonic()
         self.started_at: float | None = None
         self.first_byte_at: float | None = None  # set by the relay when the first chunk passes
         self.records = 0  # streamed records relayed so far: tokens, for display

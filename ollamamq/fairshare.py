@@ -193,6 +193,14 @@ class FairQueue:
             previous = output_tokens if acct.mean_output is None else acct.mean_output
             acct.mean_output = previous + OUTPUT_SMOOTHING * (output_tokens - previous)
 
+    def progress(self, item: Waiting, output_tokens: int) -> None:
+        """Charge a running request's output so far where it passes what its grant charged."""
+        owed = item.estimate + self.output_weight * output_tokens - item.charged
+        acct = self.accounts.get(item.user)
+        if owed > 0 and acct is not None:
+            item.charged += owed
+            self._charge(acct, owed)
+
     def service(self, user: str) -> float:
         """Weighted service counter of `user` (what "tokens" fairness equalizes)."""
         acct = self.accounts.get(user)

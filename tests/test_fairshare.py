@@ -213,8 +213,9 @@ def test_requeued_item_goes_back_to_the_head_with_its_charge_refunded():
     estimates=st.lists(st.integers(0, 300), min_size=1, max_size=10),
 )
 def test_two_backlogged_users_service_stays_within_a_bound(costs, weights, estimates):
-    """VTC's bound: weighted service of always-backlogged users stays within two requests'
-    cost (one being served, one charged in advance at a guessed size) plus an input guess."""
+    """VTC's bound, partial charges while streaming included: weighted service of
+    always-backlogged users stays within two requests' cost (one being served, one charged in
+    advance at a guessed size) plus an input guess."""
     queue = FairQueue("tokens", output_weight=2)
     queue.account("a").weight, queue.account("b").weight = weights
     served = {"a": 0.0, "b": 0.0}
@@ -225,6 +226,7 @@ def test_two_backlogged_users_service_stays_within_a_bound(costs, weights, estim
             pushed += 1
     for n, (tokens_in, tokens_out) in enumerate(costs):
         item, _ = queue.grant(ONE_SLOT)
+        queue.progress(item, tokens_out // 2)  # charged part-way, as a long stream is
         queue.complete(item.user, item.charged, tokens_in, tokens_out)
         served[item.user] += (tokens_in + 2 * tokens_out) / queue.account(item.user).weight
         biggest = max(i + 2 * o for i, o in costs[: n + 1]) / min(weights)
@@ -371,3 +373,24 @@ def rotating_attack(fairness: str, grants: int) -> float:
 @pytest.mark.parametrize("fairness", ["tokens", "requests"])
 def test_a_fresh_id_per_request_gets_a_light_user_one_seventh_not_nothing(fairness):
     assert rotating_attack(fairness, 700) == pytest.approx(1 / 7, abs=0.01)
+
+
+def test_a_running_stream_is_charged_as_its_records_pass_and_settled_at_the_end():
+    queue = FairQueue("tokens", output_weight=2)
+    queue.push(Waiting("a", None, estimate=10))
+    item, _ = queue.grant(ONE_SLOT)
+    queue.progress(item, 30)
+    assert queue.service("a") == 10 + 2 * 30
+    queue.progress(item, 20)  # never charged back while it runs
+    assert queue.service("a") == 10 + 2 * 30
+    queue.complete("a", item.charged, input_tokens=12, output_tokens=40)
+    assert queue.service("a") == 12 + 2 * 40
+
+
+def test_a_long_stream_lets_the_other_user_go_before_it_ends():
+    queue = FairQueue("tokens", output_weight=2)
+    backlog(queue, "long", 2)
+    item, _ = queue.grant([BackendView("b0", free=2, active=0)])
+    backlog(queue, "short", 1)  # lifted to long's counter: a tie that long would win
+    queue.progress(item, 50)
+    assert queue.grant([BackendView("b0", free=1, active=1)])[0].user == "short"

@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 SOCKET_KEYS = ("ollamamq.socket", "gunicorn.socket")  # where servers put the client socket
 RETRIES = 30  # busy or dead backends a request may meet before the client hears of it
 RelayedOrError = HTTPResponse | Response
-CONTENT_MARKERS = {  # Go and C++ servers write compact JSON, Python ones put a space
-    False: (b'"done":false', b'"done": false'),
+CONTENT_MARKERS = {  # NDJSON comes from Ollama (Go, compact); Python SSE servers put a space
+    False: (b'"done":false', None),
     True: (b'"finish_reason":null', b'"finish_reason": null'),
 }
 
@@ -222,7 +222,7 @@ def observe(chunks: Iterator[bytes], ticket: Ticket, is_sse: bool) -> Iterator[b
     tail = b""
     for chunk in chunks:
         ticket.first_byte_at = ticket.first_byte_at or time.monotonic()  # read once per chunk
-        ticket.records += chunk.count(compact) + chunk.count(spaced)
+        ticket.records += chunk.count(compact) + (spaced is not None and chunk.count(spaced))
         tail = (tail + chunk)[-TAIL_BYTES:]
         yield chunk
     counts = token_counts(tail)

@@ -46,6 +46,12 @@ from bench.servers import Server
 log = logging.getLogger("bench.fairness")
 
 MODES = ("requests", "tokens")
+SCENARIOS = ("heavy", "rotating", "aborter", "usageless")
+ABORT_AT = 0.95  # aborter: the share of each answer read before hanging up
+OPENAI_PATH = "/v1/chat/completions"  # usageless: OpenAI streams, the fake reports no usage
+CONTENT = {False: b'"done":false', True: b'"finish_reason":null'}  # one per token
+ROTATING_OUTSTANDING = 6  # the rotating-id attacker's requests in flight
+LIGHT_SHARE_TARGET = 0.10  # rotating: the light user's share of completed requests
 PROMPT = "please answer at exactly the length the options ask for"  # the same for every user
 MAX_REQUESTS = 100_000  # per greenlet: a bound besides the window's end
 MAX_QUEUE = 1000  # --max-queue-per-user: the heavy user's backlog must never be refused
@@ -66,6 +72,8 @@ class User:
     outstanding: int
     tokens: int
     think: float = 0.0  # seconds between a reply and the next request; 0: always backlogged
+    rotate: bool = False  # a fresh X-User-ID for every request (ids cost nothing without keys)
+    abort_at: float = 0.0  # hang up once this share of the answer's records is read; 0: never
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="mean seconds a light user thinks between requests (0: always backlogged)",
     )
     p.add_argument("--modes", default=",".join(MODES), help="comma list of fairness modes")
+    p.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="heavy",
+        help="heavy: one heavy user, light ones; rotating: a fresh id per request "
+        "(6 outstanding) against one light user with 1 outstanding; aborter: a user that "
+        "hangs up at 95%% of each answer against an honest one, both --heavy-tokens; "
+        "usageless: heavy, light, over OpenAI streams from a backend that reports no usage",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
     args = p.parse_args(argv)
     if args.quick:
@@ -178,7 +195,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def users_of(args: argparse.Namespace) -> list[User]:
-    """The heavy user first, then the light ones."""
+    """The heavy user (or attacker) first, then the light ones."""
+    if args.scenario == "rotating":
+        attacker = User("rotating", ROTATING_OUTSTANDING, args.light_tokens, rotate=True)
+        return [attacker, User("light-1", 1, args.light_tokens)]
+    if args.scenario == "aborter":
+        tokens = args.heavy_tokens
+        return [User("aborter", 2, tokens, abort_at=ABORT_AT), User("honest", 2, tokens)]
     light = [
         User(f"light-{i + 1}", args.light_outstanding, args.light_tokens, args.light_think)
         for i in range(args.light_users)
@@ -186,20 +209,27 @@ def users_of(args: argparse.Namespace) -> list[User]:
     return [User("heavy", args.heavy_outstanding, args.heavy_tokens), *light]
 
 
-def exchange(conn: HTTPConnection, body: bytes, user: str, track: Track) -> Done:
-    """One streamed chat, read to its end, its queued and in-flight time tracked."""
+def exchange(
+    conn: HTTPConnection, path: str, body: bytes, name: str, user: User, track: Track
+) -> Done:
+    """One streamed chat, read to its end (or abandoned), its queued and in-flight time tracked."""
     started = time.monotonic()
     track.busy.enter()
     track.queued.enter()
     queued = True
+    marker, limit = CONTENT[path == OPENAI_PATH], int(user.abort_at * user.tokens)
     try:
-        conn.request("POST", "/api/chat", body, {"X-User-ID": user})
+        conn.request("POST", path, body, {"X-User-ID": name})
         response = conn.getresponse()
         track.queued.leave()
         queued = False
-        tail = b""
+        tail, records = b"", 0
         while data := response.read1(READ_SIZE):
             tail = (tail + data)[-TAIL_BYTES:]
+            records += data.count(marker)
+            if limit and records >= limit:
+                conn.close()  # the client hangs up: it read what it wanted
+                return abandoned(started, response, records)
     except (OSError, HTTPException) as exc:
         conn.close()
         now = time.monotonic()
@@ -211,7 +241,29 @@ def exchange(conn: HTTPConnection, body: bytes, user: str, track: Track) -> Done
         if queued:
             track.queued.leave()
         track.busy.leave()
+    if path == OPENAI_PATH:
+        return finished_sse(started, response, tail, records)
     return finished(started, response, tail)
+
+
+def queue_wait(response: HTTPResponse) -> float | None:
+    """The proxy's X-Queue-Wait-Ms, in seconds."""
+    wait = response.getheader("X-Queue-Wait-Ms")
+    return float(wait) / 1000 if wait else None
+
+
+def abandoned(started: float, response: HTTPResponse, records: int) -> Done:
+    """A stream the client hung up on: what it read counts as its service."""
+    ended = time.monotonic()
+    return Done(started, ended, ended - started, queue_wait(response), 0, records, True)
+
+
+def finished_sse(started: float, response: HTTPResponse, tail: bytes, records: int) -> Done:
+    """An OpenAI stream read to [DONE]; without usage, its tokens are its content chunks."""
+    ended = time.monotonic()
+    ok = response.status == 200 and tail.rstrip().endswith(b"data: [DONE]")
+    error = "" if ok else f"{response.status}: {tail[-200:].decode(errors='replace')}"
+    return Done(started, ended, ended - started, queue_wait(response), 0, records, ok, error)
 
 
 def finished(started: float, response: HTTPResponse, tail: bytes) -> Done:
@@ -224,22 +276,31 @@ def finished(started: float, response: HTTPResponse, tail: bytes) -> Done:
     record = record if isinstance(record, dict) else {}
     ok = response.status == 200 and record.get("done") is True and "error" not in record
     error = "" if ok else f"{response.status}: {tail[-200:].decode(errors='replace')}"
-    wait = response.getheader("X-Queue-Wait-Ms")
-    wait_s = float(wait) / 1000 if wait else None
     tokens_in, tokens_out = record.get("prompt_eval_count", 0), record.get("eval_count", 0)
+    wait_s = queue_wait(response)
     return Done(started, ended, ended - started, wait_s, tokens_in, tokens_out, ok, error)
 
 
-def worker(url: str, user: User, track: Track, until: float, seed: str) -> None:
+def openai_chat(tokens: int) -> bytes:
+    """A streamed OpenAI chat body asking for `tokens` tokens."""
+    messages = [{"role": "user", "content": PROMPT}]
+    body = {"model": "llama3", "messages": messages, "stream": True}
+    return json.dumps(body | {"max_tokens": tokens}).encode()
+
+
+def worker(url: str, user: User, track: Track, until: float, seed: str, api: str) -> None:
     """Keep one request of `user` outstanding until `until`, thinking between if asked."""
     conn = connect(url)
-    body = chat(user.tokens, PROMPT)
+    openai = api == "openai"
+    path = OPENAI_PATH if openai else "/api/chat"
+    body = openai_chat(user.tokens) if openai else chat(user.tokens, PROMPT)
     thinking = random.Random(seed)  # exponential think times: users must not move in step
     try:
-        for _ in range(MAX_REQUESTS):
+        for n in range(MAX_REQUESTS):
             if time.monotonic() >= until:
                 break
-            track.done.append(exchange(conn, body, user.name, track))
+            name = f"{seed}-{n}" if user.rotate else user.name
+            track.done.append(exchange(conn, path, body, name, user, track))
             pause = thinking.expovariate(1 / user.think) if user.think else 0.0
             pause = pause if track.done[-1].ok else max(pause, ERROR_PAUSE)
             gevent.sleep(min(pause, max(0.0, until - time.monotonic())))
@@ -267,7 +328,8 @@ def load(url: str, users: list[User], args: argparse.Namespace) -> dict[str, Tra
         for user in users:
             for i in range(user.outstanding):
                 name = f"fairness-{user.name}-{i}"
-                greenlet = group.spawn(worker, url, user, tracks[user.name], until, name)
+                api = "openai" if args.scenario == "usageless" else "ollama"
+                greenlet = group.spawn(worker, url, user, tracks[user.name], until, name, api)
                 greenlet.name = name
                 greenlet.link_exception(crashed)
         group.join(timeout=max(0.0, until - time.monotonic()))
@@ -371,8 +433,10 @@ def summarize(users: list[User], tracks: dict[str, Track], seconds: float) -> di
     rows = [user_row(user, tracks[user.name]) for user in users]
     backlogged = [r for r in rows if r["busy_pct"] >= BACKLOGGED_PCT]
     total = sum(r["tokens"] for r in rows)
+    completed = sum(r["completed"] for r in rows)
     for r in rows:
         r["share_pct"] = round(100 * r["tokens"] / total, 1) if total else 0.0
+        r["request_share_pct"] = round(100 * r["completed"] / completed, 1) if completed else 0.0
     done = [d for t in tracks.values() for d in t.counted() if d.ok and d.wait_s is not None]
     heavy = [d for d in tracks[users[0].name].counted() if d.ok and d.wait_s is not None]
     light = [d for u in users[1:] for d in tracks[u.name].counted() if d.ok]
@@ -386,6 +450,8 @@ def summarize(users: list[User], tracks: dict[str, Track], seconds: float) -> di
         "backlogged_users": len(backlogged),
         "jain": jain([r["tokens"] for r in backlogged]),
         "jain_weighted": jain([r["tokens_in"] + 2 * r["tokens_out"] for r in backlogged]),
+        "jain_requests": jain([r["completed"] for r in backlogged]),
+        "light_request_share_pct": sum(r["request_share_pct"] for r in rows[1:]),
         "tokens_per_s": round(total / seconds, 1),
         "output_tokens_per_s": round(sum(r["tokens_out"] for r in rows) / seconds, 1),
         "requests_per_s": round(sum(r["completed"] for r in rows) / seconds, 1),
@@ -438,11 +504,11 @@ def cell(value: Any) -> str:
 
 def user_table(result: dict[str, Any]) -> str:
     """Per-user rows of one mode."""
-    keys = ["completed", "tokens", "tokens_out", "share_pct", "wait_p50_ms", "wait_p95_ms"]
-    keys += ["behind_others_p95_ms", "busy_pct", "queued_pct"]
-    header = "| user | kept × tokens | completed | tokens in+out | out | share % | wait p50 ms "
-    header += "| wait p95 ms | p95 behind others ms | outstanding % | queued % |"
-    lines = [header, "|" + "---|" * 11]
+    keys = ["completed", "request_share_pct", "tokens", "tokens_out", "share_pct"]
+    keys += ["wait_p50_ms", "wait_p95_ms", "behind_others_p95_ms", "busy_pct", "queued_pct"]
+    header = "| user | kept × tokens | completed | requests % | tokens in+out | out | share % "
+    header += "| wait p50 ms | wait p95 ms | p95 behind others ms | outstanding % | queued % |"
+    lines = [header, "|" + "---|" * 12]
     for r in result["users"]:
         kept = f"{r['outstanding']} × {r['tokens_asked']}"
         lines.append(f"| {r['user']} | {kept} | {' | '.join(cell(r[k]) for k in keys)} |")
@@ -454,6 +520,8 @@ SUMMARY: list[tuple[str, str, str, str | None]] = [
     (f"users backlogged (≥ {BACKLOGGED_PCT:g}% outstanding)", "backlogged_users", "", None),
     ("Jain's index over them, tokens in+out", "jain", f"≥ {JAIN_TARGET}", "jain"),
     ("Jain's index, in + 2·out (the proxy's measure)", "jain_weighted", "", None),
+    ("Jain's index over them, completed requests", "jain_requests", "", None),
+    ("light users' share of completed requests, %", "light_request_share_pct", "", None),
     ("throughput, output tokens/s", "output_tokens_per_s", "", None),
     ("throughput, tokens/s (in+out)", "tokens_per_s", "", None),
     ("requests/s", "requests_per_s", "", None),
@@ -548,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         fakes: list[Server] = []
         stack.callback(servers.remove_logs, fakes)  # last, once every fake has stopped
         for _ in range(args.backends):
-            fakes.append(servers.start_fake(token_delay=args.token_delay))
+            usage = args.scenario != "usageless"
+            fakes.append(servers.start_fake(token_delay=args.token_delay, stream_usage=usage))
             stack.callback(servers.stop, fakes[-1])
         for mode in args.modes:
             results["modes"][mode] = run_mode(mode, fakes, args)

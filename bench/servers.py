@@ -58,10 +58,11 @@ def log_file(name: str) -> Path:
     return Path(handle.name)
 
 
-def start_fake(tokens: int = 8, token_delay: float = 0.0) -> Server:
+def start_fake(tokens: int = 8, token_delay: float = 0.0, stream_usage: bool = True) -> Server:
     """Start `python -m tests.fake_ollama` and read the URL it prints."""
     log_path = log_file("fake")
     args = ["--port", "0", "--tokens", str(tokens), "--token-delay", str(token_delay)]
+    args += [] if stream_usage else ["--no-stream-usage"]
     command = [sys.executable, "-m", "tests.fake_ollama", *args, "--first-token-delay", "0"]
     with log_path.open("wb") as err:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=err)

@@ -56,6 +56,7 @@ class Ticket:
         "records",
         "tokens_in",
         "tokens_out",
+        "reported",
         "failed",
         "abandoned",
         "on_abandon",
@@ -76,16 +77,18 @@ class Ticket:
         self.user = user
         self.model = model
         self.path = path
+        self.enqueued_at = time.monotonic()
         self.item = Waiting(user, model, estimate, max_output, self, backend=backend)
+        self.item.enqueued_at = self.enqueued_at
         self.granted = Event()
         self.backend: Backend | None = None
         self.state = WAITING
-        self.enqueued_at = time.monotonic()
         self.started_at: float | None = None
         self.first_byte_at: float | None = None  # set by the relay when the first chunk passes
-        self.records = 0  # streamed records relayed so far: tokens, for display
+        self.records = 0  # content records relayed so far (one token each), set by the relay
         self.tokens_in = 0  # the backend's own counts, once its final record is seen
         self.tokens_out = 0
+        self.reported = False  # the backend gave its counts; else release() charges the stream
         self.failed = False  # an error status or a broken stream: counted as an error
         self.abandoned = False  # the client hung up while it was being served
         self.on_abandon: Callable[[], None] | None = None
@@ -222,6 +225,8 @@ class Dispatcher:
         del self._active[ticket]
         elapsed = time.monotonic() - ticket.started_at
         self._service_s += 0.2 * (elapsed - self._service_s)
+        if not ticket.reported:  # abandoned, cut, timed out or never told: what was streamed
+            ticket.tokens_in, ticket.tokens_out = round(ticket.item.estimate), ticket.records
         self._count(ticket)
         self.queue.complete(ticket.user, ticket.item.charged, ticket.tokens_in, ticket.tokens_out)
         if not ticket.failed and ticket.model:
@@ -326,6 +331,8 @@ class Dispatcher:
             self._grant_all()
 
     def _grant_all(self) -> None:
+        for ticket in self._active:  # streams running long count before they end
+            self.queue.progress(ticket.item, ticket.records)
         backends = self.pool.backends
         while len(self.queue):
             now = time.monotonic()
@@ -345,20 +352,21 @@ class Dispatcher:
         ticket.granted.set()
 
     def _count(self, ticket: Ticket) -> None:
+        """Tokens count whatever the ending (the backend made them); the outcome once."""
         stats = self._stats(ticket.user)
         stats.last_seen = time.time()
-        if ticket.abandoned:
-            stats.cancelled += 1
-            return
-        if ticket.failed:
-            stats.errors += 1
-            self.errors += 1
-            return
-        stats.served += 1
         stats.tokens_in += ticket.tokens_in
         stats.tokens_out += ticket.tokens_out
-        self.served += 1
-        self.throughput.add(stats.last_seen, 1, ticket.tokens_in + ticket.tokens_out)
+        served = not (ticket.abandoned or ticket.failed)
+        self.throughput.add(stats.last_seen, int(served), ticket.tokens_in + ticket.tokens_out)
+        if ticket.abandoned:
+            stats.cancelled += 1
+        elif ticket.failed:
+            stats.errors += 1
+            self.errors += 1
+        else:
+            stats.served += 1
+            self.served += 1
 
     def _stats(self, user: str) -> UserStats:
         stats = self.users.get(user)

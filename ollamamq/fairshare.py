@@ -7,6 +7,16 @@ Two fairness modes:
 - "tokens": the Virtual Token Counter of Sheng et al., "Fairness in Serving Large Language
   Models" (OSDI 2024): the backlogged user with the least service received goes next.
 Both keep each user's own requests in FIFO order.
+
+No starvation. Ties go to the head request that has waited longest, then to the earlier
+arrival. "requests": a user joining the backlog goes behind everyone waiting, so a request at
+the head of its user's queue is granted before any other user's second grant and before any
+user that joins after it. "tokens": a user never granted before starts no lower than the users
+granted and served last (within the backlog's counters). While a request waits, its user's
+counter x stays put; others go first only at a counter of at most x (below x if they joined
+after it), each at most (x - m) // q + 1 times (m: the least waiting counter when it reached
+the head, q: the smallest charge), and every new id starts at least q above the counter of
+the grant before it, so new ids cannot hold the least counter down.
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ class Waiting:
     payload: Any = None
     charged: float = 0.0  # what the grant charged: input estimate and expected output
     backend: str | None = None  # only this backend may take it (operator model loads)
+    enqueued_at: float = 0.0  # when it was queued (any clock): ties go to the longest waiting
+    seq: int = -1  # arrival number, set by FairQueue.push: the last tie-break
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,8 @@ class UserAccount:
     weight: float = 1.0
     is_vip: bool = False
     is_blocked: bool = False
-    last_grant: int = -1  # grant number of this user's latest grant: the round-robin position
+    position: int = -1  # "requests": its latest grant's number, lifted to the latest on joining
+    is_new: bool = True  # never granted: joins no lower than the latest users served
     mean_output: float | None = None  # moving average of the user's output tokens per request
 
 
@@ -105,6 +118,9 @@ class FairQueue:
         self._backlogged: dict[str, None] = {}  # users with waiting requests, by arrival
         self._size = 0
         self._turn = 0  # grants so far
+        self._arrivals = itertools.count()
+        self._last_granted: str | None = None
+        self._last_completed: str | None = None
         self._last_user: str | None = None  # the last user to leave the backlog
 
     def __len__(self) -> int:
@@ -125,6 +141,7 @@ class FairQueue:
     def push(self, item: Waiting) -> None:
         """Queue `item` behind its user's other waiting requests."""
         acct = self.account(item.user)
+        item.seq = next(self._arrivals)
         if not acct.queue:
             self._join_backlog(item.user, acct)
         acct.queue.append(item)
@@ -133,7 +150,7 @@ class FairQueue:
     def requeue(self, item: Waiting) -> None:
         """Put a granted item back at the head of its user's queue and refund its charge."""
         acct = self.account(item.user)
-        acct.counter -= item.charged / acct.weight
+        self._charge(acct, -item.charged)
         if not acct.queue:
             self._backlogged[item.user] = None
         acct.queue.appendleft(item)
@@ -171,10 +188,18 @@ class FairQueue:
         """Replace what the grant charged with the backend's own token counts."""
         acct = self.accounts.get(user)
         if acct is not None:
-            cost = input_tokens + self.output_weight * output_tokens - charged
-            acct.counter += cost / acct.weight
+            self._charge(acct, input_tokens + self.output_weight * output_tokens - charged)
+            self._last_completed = user
             previous = output_tokens if acct.mean_output is None else acct.mean_output
             acct.mean_output = previous + OUTPUT_SMOOTHING * (output_tokens - previous)
+
+    def progress(self, item: Waiting, output_tokens: int) -> None:
+        """Charge a running request's output so far where it passes what its grant charged."""
+        owed = item.estimate + self.output_weight * output_tokens - item.charged
+        acct = self.accounts.get(item.user)
+        if owed > 0 and acct is not None:
+            item.charged += owed
+            self._charge(acct, owed)
 
     def service(self, user: str) -> float:
         """Weighted service counter of `user` (what "tokens" fairness equalizes)."""
@@ -194,22 +219,34 @@ class FairQueue:
         yield from (user for user in self._candidates() if user != first)
 
     def _order_key(self) -> Callable[[str], tuple]:
-        """VIPs first; then least service ("tokens"); then least recently granted."""
+        """VIPs first; then least service ("tokens") or earliest turn; then longest waiting."""
         accounts = self.accounts
-        if self.fairness == "tokens":
-            return lambda u: (not accounts[u].is_vip, accounts[u].counter, accounts[u].last_grant)
-        return lambda u: (not accounts[u].is_vip, accounts[u].last_grant)
+        tokens = self.fairness == "tokens"
+
+        def key(user: str) -> tuple:
+            acct = accounts[user]
+            head = acct.queue[0]
+            standing = acct.counter if tokens else acct.position
+            return not acct.is_vip, standing, head.enqueued_at, head.seq
+
+        return key
 
     def _pop(self, user: str, acct: UserAccount) -> Waiting:
         item = acct.queue.popleft()
         self._size -= 1
         item.charged = item.estimate + self.output_weight * self._expected_output(item, acct)
-        acct.counter += item.charged / acct.weight
-        acct.last_grant = self._turn
+        self._charge(acct, item.charged)
+        self._last_granted, acct.is_new = user, False
+        acct.position = self._turn
         self._turn += 1
         if not acct.queue:
             self._leave_backlog(user)
         return item
+
+    @staticmethod
+    def _charge(acct: UserAccount, amount: float) -> None:
+        """Add weighted service to a user's counter."""
+        acct.counter += amount / acct.weight
 
     @staticmethod
     def _expected_output(item: Waiting, acct: UserAccount) -> float:
@@ -219,12 +256,24 @@ class FairQueue:
 
     def _join_backlog(self, user: str, acct: UserAccount) -> None:
         """A user becoming active is lifted so that idle time is not banked (VTC)."""
-        if self._backlogged:
-            floor = min(self.accounts[u].counter for u in self._backlogged)
-        else:  # its counter as of now: charges of its last requests included
-            floor = self.accounts[self._last_user].counter if self._last_user else 0.0
-        acct.counter = max(acct.counter, floor)
+        acct.counter = max(acct.counter, self._floor(acct))
+        acct.position = max(acct.position, self._turn - 1)
         self._backlogged[user] = None
+
+    def _floor(self, acct: UserAccount) -> float:
+        """Where a joining user starts: at least the least-served waiting user (VTC's lift).
+
+        A new user starts no lower than the latest granted and completed users' counters
+        (kept within the backlog's counters): otherwise a fresh id per request keeps the
+        least counter where it is, and everyone served before waits forever.
+        """
+        if not self._backlogged:  # the counter as of now: charges of its last requests included
+            return self.accounts[self._last_user].counter if self._last_user else 0.0
+        counters = [self.accounts[u].counter for u in self._backlogged]
+        latest = [self.accounts[u].counter for u in (self._last_granted, self._last_completed) if u]
+        if not acct.is_new or not latest:
+            return min(counters)
+        return min(max(*latest, min(counters)), max(counters))
 
     def _leave_backlog(self, user: str) -> None:
         del self._backlogged[user]

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 SOCKET_KEYS = ("ollamamq.socket", "gunicorn.socket")  # where servers put the client socket
 RETRIES = 30  # busy or dead backends a request may meet before the client hears of it
 RelayedOrError = HTTPResponse | Response
+CONTENT_MARKERS = {  # NDJSON comes from Ollama (Go, compact); Python SSE servers put a space
+    False: (b'"done":false', None),
+    True: (b'"finish_reason":null', b'"finish_reason": null'),
+}
 
 
 def timeouts() -> tuple[float, float]:
@@ -198,15 +202,22 @@ def _response(
 
 
 def observe(chunks: Iterator[bytes], ticket: Ticket, is_sse: bool) -> Iterator[bytes]:
-    """Count records as they pass; read the backend's token counts from the end."""
-    separator = b"\n\n" if is_sse else b"\n"
+    """Count content records as they pass; read the backend's token counts from the end.
+
+    A content record is an Ollama record not yet done, or an SSE chunk not yet finished:
+    one token each. They are what a stream is charged when the backend never says.
+    """
+    compact, spaced = CONTENT_MARKERS[is_sse]
     tail = b""
     for chunk in chunks:
         ticket.first_byte_at = ticket.first_byte_at or time.monotonic()  # read once per chunk
-        ticket.records += chunk.count(separator)
+        ticket.records += chunk.count(compact) + (spaced is not None and chunk.count(spaced))
         tail = (tail + chunk)[-TAIL_BYTES:]
         yield chunk
-    ticket.tokens_in, ticket.tokens_out = token_counts(tail)
+    counts = token_counts(tail)
+    if any(counts):
+        ticket.tokens_in, ticket.tokens_out = counts
+        ticket.reported = True
 
 
 def relay(

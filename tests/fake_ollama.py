@@ -244,7 +244,9 @@ class FakeOllama:
         self.first_token_delay = first_token_delay
         self.pull_chunks = pull_chunks
         self.gate: Event | None = None  # generations and embeddings wait on it before headers
-        self.stall: Event | None = None  # generations wait on it after their first token
+        self.stall: Event | None = None  # generations wait on it after `stall_after` tokens
+        self.stall_after = 1
+        self.stream_usage = True  # False: ignore include_usage in streams, as llama.cpp does
         self.pull_gate: Event | None = None  # pulls wait on it after their first progress record
         self.busy = False  # answer generations and embeddings 503, as a saturated Ollama does
         self.fail_pulls = 0  # how many coming pulls break after one progress record
@@ -418,7 +420,7 @@ class FakeOllama:
         for i in range(job.tokens):
             if i:
                 self._pause()
-            if i == 1 and self.stall is not None:
+            if i == self.stall_after and self.stall is not None:
                 self.stall.wait()
             yield f"tok{i} "
         job.t_end = time.perf_counter()
@@ -508,7 +510,8 @@ class FakeOllama:
         head |= {"model": job.model, "system_fingerprint": "fp_ollama"}
         chunk = {**head, "object": "chat.completion.chunk" if kind == "chat.completion" else kind}
         finish = "length" if job.done_reason == "length" else "stop"
-        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        asked = bool((body.get("stream_options") or {}).get("include_usage"))
+        usage = asked and self.stream_usage
 
         def whole(text: str) -> Body:
             return {**head, "choices": [choice(text, finish, False)], "usage": job.usage()}
@@ -676,8 +679,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--first-token-delay", type=float, default=0.0)
     parser.add_argument("--pull-chunks", type=int, default=4)
+    parser.add_argument("--no-stream-usage", action="store_true", help="llama.cpp-style streams")
     args = parser.parse_args(argv)
     fake = FakeOllama(None, args.tokens, args.token_delay, args.first_token_delay, args.pull_chunks)
+    fake.stream_usage = not args.no_stream_usage
     fake.record = False  # a benchmark's millions of requests must not pile up in memory
     fake.start(args.port)
     print(f"listening on {fake.url}", flush=True)  # the contract with the parent process

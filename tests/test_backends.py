@@ -170,10 +170,11 @@ def test_position_endpoint_tells_a_user_where_they_stand(fake, app, proxy, calls
         jobs.append(gevent.spawn(chat, proxy, user=user))
         calls.wait_for("submit", n)
     mine = requests.get(f"{proxy}/api/position", headers={"X-User-ID": "me"}, timeout=10).json()
-    assert [w["position"] for w in mine["waiting"]] == [1, 3]  # hog is being served already
+    # me joins at hog's counter: a tie, and hog's next request has waited longer
+    assert [w["position"] for w in mine["waiting"]] == [2, 4]
     assert all(w["estimated_wait_s"] > 0 for w in mine["waiting"])
     hog = requests.get(f"{proxy}/api/position", headers={"X-User-ID": "hog"}, timeout=10).json()
-    assert len(hog["active"]) == 1 and [w["position"] for w in hog["waiting"]] == [2, 4]
+    assert len(hog["active"]) == 1 and [w["position"] for w in hog["waiting"]] == [1, 3]
     fake.gate.set()
     gevent.joinall(jobs, raise_error=True)
 

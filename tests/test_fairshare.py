@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -149,7 +152,12 @@ def test_returning_user_is_lifted_to_the_least_backlogged_counter():
     backlog(queue, "newcomer", 3)
     assert queue.service("newcomer") == queue.service("busy") == 500
     order = serve(queue, {"busy": (100, 0), "newcomer": (100, 0)}, rounds=4)
-    assert order == ["newcomer", "busy", "newcomer", "busy"]  # no banked idle time
+    assert order == [
+        "busy",
+        "newcomer",
+        "busy",
+        "newcomer",
+    ]  # no banked idle time; busy waited longer
 
 
 def test_user_that_left_keeps_its_counter_when_nobody_waits():
@@ -179,12 +187,12 @@ def test_vip_goes_first_whatever_its_counter():
         assert order == ["boss", "boss", "boss", "crowd", "crowd"]
 
 
-def test_ties_go_to_the_user_granted_longest_ago():
+def test_ties_go_to_the_request_that_has_waited_longest():
     queue = FairQueue("tokens")
     for user in "abc":
         backlog(queue, user, 2)
     order = serve(queue, {u: (0, 0) for u in "abc"}, rounds=6)
-    assert order == list("abcabc")
+    assert order == list("aabbcc")  # nothing charged: the oldest head goes first
 
 
 def test_requeued_item_goes_back_to_the_head_with_its_charge_refunded():
@@ -205,8 +213,9 @@ def test_requeued_item_goes_back_to_the_head_with_its_charge_refunded():
     estimates=st.lists(st.integers(0, 300), min_size=1, max_size=10),
 )
 def test_two_backlogged_users_service_stays_within_a_bound(costs, weights, estimates):
-    """VTC's bound: weighted service of always-backlogged users stays within two requests'
-    cost (one being served, one charged in advance at a guessed size) plus an input guess."""
+    """VTC's bound, partial charges while streaming included: weighted service of
+    always-backlogged users stays within two requests' cost (one being served, one charged in
+    advance at a guessed size) plus an input guess."""
     queue = FairQueue("tokens", output_weight=2)
     queue.account("a").weight, queue.account("b").weight = weights
     served = {"a": 0.0, "b": 0.0}
@@ -217,6 +226,7 @@ def test_two_backlogged_users_service_stays_within_a_bound(costs, weights, estim
             pushed += 1
     for n, (tokens_in, tokens_out) in enumerate(costs):
         item, _ = queue.grant(ONE_SLOT)
+        queue.progress(item, tokens_out // 2)  # charged part-way, as a long stream is
         queue.complete(item.user, item.charged, tokens_in, tokens_out)
         served[item.user] += (tokens_in + 2 * tokens_out) / queue.account(item.user).weight
         biggest = max(i + 2 * o for i, o in costs[: n + 1]) / min(weights)
@@ -229,9 +239,9 @@ def test_expected_output_is_charged_at_grant_so_a_long_generation_counts_at_once
     two_slots = [BackendView("b0", free=2, active=0)]
     item, _ = queue.grant(two_slots)
     queue.complete("heavy", item.charged, 10, 200)  # its history: long answers
+    backlog(queue, "light", 1)  # lifted to heavy's counter: a tie, heavy has waited longer
     first, _ = queue.grant(two_slots)
-    assert first.charged == 2 * 200  # the mean output so far, charged in advance
-    backlog(queue, "light", 1)
+    assert first.user == "heavy" and first.charged == 2 * 200  # its mean output, in advance
     second, _ = queue.grant(two_slots)  # the second slot goes to light, not heavy again
     assert second.user == "light"
 
@@ -241,3 +251,146 @@ def test_output_limit_caps_the_advance_charge():
     queue.account("a").mean_output = 500
     queue.push(Waiting("a", None, estimate=0, max_output=20))
     assert queue.grant(ONE_SLOT)[0].charged == 20
+
+
+# -- no starvation -----------------------------------------------------------------------------
+
+
+class Watch:
+    """Grants one at a time on one slot and records, per request, who went while it waited."""
+
+    def __init__(self, queue: FairQueue, costs: dict[str, int]) -> None:
+        self.queue, self.costs = queue, costs
+        self.pushes = 0
+        self.heads: dict[int, tuple[int, int, float, float, set[str]]] = {}
+        self.joined: dict[str, int] = {}  # user: push number at which it last joined
+        self.fresh: dict[str, int] = {}  # user: push number at which it first appeared
+        self.grants: list[tuple[str, float, int]] = []  # user, counter before, when it joined
+
+    def push(self, user: str) -> None:
+        self.pushes += 1
+        acct = self.queue.accounts.get(user)
+        self.fresh.setdefault(user, self.pushes)
+        if acct is None or not acct.queue:
+            self.joined[user] = self.pushes
+        self.queue.push(Waiting(user, None, estimate=self.costs[user]))
+        self.note_heads()
+
+    def note_heads(self) -> None:
+        """For each new head: grants so far, pushes so far, its counter, least counter, others."""
+        backlog = [u for u, a in self.queue.accounts.items() if a.queue]
+        low = min((self.queue.service(u) for u in backlog), default=0.0)
+        for user in backlog:
+            head = self.queue.accounts[user].queue[0]
+            if head.seq not in self.heads:
+                others = {u for u in backlog if u != user}
+                x = self.queue.service(user)
+                self.heads[head.seq] = (len(self.grants), self.pushes, x, low, others)
+
+    def grant(self) -> tuple[Waiting, list[tuple[str, float, int]]]:
+        """One grant, completed at once at its estimate; returns it and the grants it waited."""
+        item, _ = self.queue.grant(ONE_SLOT)
+        before = self.queue.service(item.user) - item.charged
+        self.queue.complete(item.user, item.charged, int(item.estimate), 0)
+        waited = self.grants[self.heads[item.seq][0] :]
+        self.grants.append((item.user, before, self.joined[item.user]))
+        self.note_heads()
+        return item, waited
+
+
+arrivals = st.lists(
+    st.lists(st.sampled_from(["p0", "p1", "p2", "p3", "new"]), max_size=3), min_size=1, max_size=60
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(script=arrivals, costs=st.lists(st.integers(1, 300), min_size=4, max_size=4))
+def test_requests_a_waiting_request_goes_before_any_second_grant_or_later_user(script, costs):
+    queue = FairQueue("requests")
+    watch = Watch(queue, {f"p{i}": c for i, c in enumerate(costs)})
+    for n, step in enumerate(script):
+        for k, user in enumerate([*step, "new"]):  # a new user before every grant
+            user = f"n{n}.{k}" if user == "new" else user
+            watch.costs.setdefault(user, 1)
+            watch.push(user)
+        item, waited = watch.grant()
+        *_, others = watch.heads[item.seq]
+        users = [u for u, _c, _t in waited]
+        assert len(users) == len(set(users)) and set(users) <= others
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    script=arrivals,
+    costs=st.lists(st.integers(1, 300), min_size=4, max_size=4),
+    new_cost=st.integers(1, 300),
+)
+def test_tokens_new_ids_before_every_grant_cannot_hold_a_waiting_request_back(
+    script, costs, new_cost
+):
+    """The docstring's bound: others go first only below its counter, each a bounded number
+    of times, and each new id starts at least one charge above the grant before it."""
+    queue = FairQueue("tokens")
+    watch = Watch(queue, {f"p{i}": c for i, c in enumerate(costs)})
+    smallest = min(*costs, new_cost)
+    last: float | None = None  # the counter of the latest grant, before its charge
+    for n, step in enumerate(script):
+        for k, user in enumerate([*step, "new"]):
+            user = f"n{n}.{k}" if user == "new" else user
+            watch.costs.setdefault(user, new_cost)
+            highest = max(
+                (queue.service(u) for u, a in queue.accounts.items() if a.queue), default=0
+            )
+            watch.push(user)
+            if last is not None and watch.fresh[user] == watch.pushes:
+                assert queue.service(user) >= min(last + smallest, highest)
+        item, waited = watch.grant()
+        last = watch.grants[-1][1]
+        _turn, since, x, low, _others = watch.heads[item.seq]
+        assert all(before <= x for _u, before, _j in waited)
+        assert all(before < x for _u, before, joined in waited if joined > since)
+        per_user = Counter(u for u, _b, _j in waited)
+        assert max(per_user.values(), default=0) <= (x - low) // smallest + 1
+
+
+def rotating_attack(fairness: str, grants: int) -> float:
+    """Six requests in flight, each under a fresh id, against a light user with one: its share."""
+    queue = FairQueue(fairness, output_weight=2)
+    ids = itertools.count()
+    for _ in range(6):
+        queue.push(Waiting(f"id{next(ids)}", None, estimate=14))
+    queue.push(Waiting("light", None, estimate=14))
+    light = 0
+    running, _ = queue.grant(ONE_SLOT)
+    for _ in range(grants):
+        queue.complete(running.user, running.charged, 10, 20)
+        done, (running, _) = running, queue.grant(ONE_SLOT)  # the slot is taken before the reply
+        light += done.user == "light"
+        queue.push(Waiting("light" if done.user == "light" else f"id{next(ids)}", None, 14))
+    return light / grants
+
+
+@pytest.mark.parametrize("fairness", ["tokens", "requests"])
+def test_a_fresh_id_per_request_gets_a_light_user_one_seventh_not_nothing(fairness):
+    assert rotating_attack(fairness, 700) == pytest.approx(1 / 7, abs=0.01)
+
+
+def test_a_running_stream_is_charged_as_its_records_pass_and_settled_at_the_end():
+    queue = FairQueue("tokens", output_weight=2)
+    queue.push(Waiting("a", None, estimate=10))
+    item, _ = queue.grant(ONE_SLOT)
+    queue.progress(item, 30)
+    assert queue.service("a") == 10 + 2 * 30
+    queue.progress(item, 20)  # never charged back while it runs
+    assert queue.service("a") == 10 + 2 * 30
+    queue.complete("a", item.charged, input_tokens=12, output_tokens=40)
+    assert queue.service("a") == 12 + 2 * 40
+
+
+def test_a_long_stream_lets_the_other_user_go_before_it_ends():
+    queue = FairQueue("tokens", output_weight=2)
+    backlog(queue, "long", 2)
+    item, _ = queue.grant([BackendView("b0", free=2, active=0)])
+    backlog(queue, "short", 1)  # lifted to long's counter: a tie that long would win
+    queue.progress(item, 50)
+    assert queue.grant([BackendView("b0", free=1, active=1)])[0].user == "short"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import gevent
@@ -123,3 +124,97 @@ def test_metadata_calls_never_wait_behind_a_generation(fake, calls, proxy):
     assert health["backends"][0]["up"] and health["backends"][0]["latency_ms"] is not None
     fake.gate.set()
     gevent.joinall(jobs, raise_error=True)
+
+
+# -- fair charging: a stream pays for what it used ----------------------------------------------
+
+
+def openai_chat(url: str, user: str, tokens: int) -> requests.Response:
+    body = {"model": "llama3", "messages": [{"role": "user", "content": "answer"}]}
+    body |= {"stream": True, "max_tokens": tokens}
+    headers = {"X-User-ID": user}
+    return requests.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=10)
+
+
+def jain(values: list[float]) -> float:
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+
+
+def stall_again(fake: FakeOllama) -> None:
+    """Let the stalled generation go on; the next one stalls at the same token."""
+    held, fake.stall = fake.stall, Event()
+    held.set()
+
+
+def test_a_client_that_hangs_up_near_the_end_pays_for_what_it_read(fake, calls, proxy, app):
+    """One slot, both users backlogged: the aborter reads 19 of 20 records and hangs up."""
+    fake.tokens, fake.stall, fake.stall_after = 20, Event(), 19
+    read = {"honest": 0, "aborter": 0}
+
+    def honest():
+        with chat(proxy, "honest", "hello", stream=True) as response:
+            read["honest"] += sum(1 for line in response.iter_lines() if b'"done":false' in line)
+
+    def aborter():
+        with chat(proxy, "aborter", "hello", stream=True) as response:
+            lines = response.iter_lines()
+            read["aborter"] += sum(1 for _ in itertools.islice(lines, 19))
+
+    jobs = [gevent.spawn(f) for _ in range(8) for f in (honest, aborter)]
+    calls.wait_for("submit", len(jobs))
+    served_by = []
+    for grant in range(1, 11):
+        wait_arrivals(fake, "/api/chat", grant)
+        served_by.append(fake.received[-1].headers["X-User-Id"])
+        if served_by[-1] == "honest":
+            stall_again(fake)  # it reads to the end
+        calls.wait_for("release", grant)
+        if served_by[-1] == "aborter":
+            stall_again(fake)  # the cut generation may end
+    service = {
+        u: 20 * served_by.count(u) if u == "honest" else 19 * served_by.count(u) for u in read
+    }
+    assert service["honest"] / sum(service.values()) >= 0.45
+    stats = app.extensions["ollamamq"].users["aborter"]
+    assert stats.tokens_out == 19 * served_by.count("aborter")  # the admin counts it too
+    fake.stall.set()
+    fake.stall = None
+    gevent.joinall(jobs, raise_error=True)
+
+
+def test_a_backend_without_streamed_usage_is_charged_by_records(fake, calls, proxy):
+    """llama.cpp-style streams: heavy (200 tokens) and light (20) still share token service."""
+    fake.stream_usage, fake.gate = False, Event()
+    jobs = [gevent.spawn(openai_chat, proxy, "heavy", 200) for _ in range(8)]
+    jobs += [gevent.spawn(openai_chat, proxy, "light", 20) for _ in range(45)]
+    calls.wait_for("submit", len(jobs))
+    fake.gate.set()
+    gevent.joinall(jobs, raise_error=True)
+    chats = [r for r in fake.received if r.path == "/v1/chat/completions"][:44]
+    service = {
+        u: sum(r.json["max_tokens"] for r in chats if r.headers["X-User-Id"] == u)
+        for u in ("heavy", "light")
+    }
+    assert jain(list(service.values())) >= 0.95
+    assert all(b"usage" not in job.value.content for job in jobs)
+
+
+@pytest.mark.parametrize("config", [{"TIMEOUT": 0.3}])
+def test_streams_cut_by_the_backend_or_the_timeout_are_charged_what_they_streamed(fake, app, proxy):
+    fake.tokens, fake.stall, fake.stall_after = 10, Event(), 5
+    queue = app.extensions["ollamamq"]
+    with chat(proxy, "timed-out", "hello", stream=True) as response:
+        records = [json.loads(line) for line in response.iter_lines()]
+    assert "error" in records[-1] and len(records) == 6  # the inactivity timeout cut it
+    with chat(proxy, "cut", "hello", stream=True) as response:
+        lines = response.iter_lines()
+        first = [json.loads(next(lines)) for _ in range(5)]
+        fake.stop()  # the backend goes away mid-stream
+        rest = [json.loads(line) for line in lines]
+    assert len(first) == 5 and "error" in rest[-1]
+    for user in ("timed-out", "cut"):
+        stats = queue.users[user]
+        assert (stats.errors, stats.tokens_in, stats.tokens_out) == (1, 1, 5)
+    charge = 1 + 2 * 5  # the input estimate, two per streamed token
+    assert queue.queue.service("timed-out") == charge
+    assert queue.queue.service("cut") == charge + charge  # it joined at the latest served

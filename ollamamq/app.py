@@ -15,6 +15,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from . import accesslog, admin, admin_api, downloads, errors, openai_api, prometheus, proxy
 from .auth import init_auth
 from .backends import BackendPool
+from .budgets import init_budgets
 from .config import Config
 from .dispatcher import Dispatcher
 from .extensions import db, limiter, migrate
@@ -45,14 +46,15 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     pulls = PullService(app, dispatcher.pool)
     app.extensions["ollamamq"] = dispatcher
     app.extensions["ollamamq.pulls"] = pulls
-    app.extensions["ollamamq.users"] = UserSettings(dispatcher, app.config["USERS"])
+    budgets = init_budgets(app)
+    app.extensions["ollamamq.users"] = UserSettings(dispatcher, budgets, app.config["USERS"])
     app.extensions["ollamamq.scheduler"] = init_scheduler(app, pulls)
     app.register_blueprint(downloads.bp)
     app.register_blueprint(proxy.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(admin_api.bp)
-    accesslog.init_app(app, on_finish=[prometheus.init_app(app).observe])
+    accesslog.init_app(app, on_finish=[prometheus.init_app(app).observe, budgets.spend])
     init_identity(app)  # after the access log's hook: a refused request is logged too
     return app
 
@@ -81,8 +83,10 @@ def start_services(app: Flask) -> None:
         if app.config["APPLY_MIGRATIONS"]:
             flask_migrate.upgrade(directory=MIGRATIONS)
         app.extensions["ollamamq.pulls"].recover()
+        app.extensions["ollamamq.budgets"].load()
         app.extensions["ollamamq.users"].load()
     app.extensions["ollamamq.keys"].start()
+    app.extensions["ollamamq.budgets"].start()
     dispatcher: Dispatcher = app.extensions["ollamamq"]
     dispatcher.start()
     dispatcher.pool.start(on_change=dispatcher.wake)
@@ -95,6 +99,7 @@ def stop_services(app: Flask) -> None:
     if scheduler.running:
         scheduler.shutdown(wait=False)
     app.extensions["ollamamq.keys"].stop()
+    app.extensions["ollamamq.budgets"].stop()
     dispatcher: Dispatcher = app.extensions["ollamamq"]
     dispatcher.pool.stop()
     dispatcher.stop()

@@ -67,6 +67,9 @@ class Config:
     TRUSTED_PROXIES = env_int("TRUSTED_PROXIES", 0)  # proxy hops allowed to set X-Forwarded-For
     API_KEYS = split_urls(os.environ.get("API_KEY", ""))  # shared keys (ollamaMQ's --api-key)
     KEY_FAILURE_LIMIT = os.environ.get("KEY_FAILURE_LIMIT", "20 per minute")  # bad keys per IP
+    DEFAULT_REQUESTS_PER_MINUTE = env_int("DEFAULT_REQUESTS_PER_MINUTE", 0) or None  # per user
+    DEFAULT_TOKENS_PER_DAY = env_float("DEFAULT_TOKENS_PER_DAY", 0) or None  # weighted, per user
+    DEFAULT_TOKENS_PER_MONTH = env_float("DEFAULT_TOKENS_PER_MONTH", 0) or None  # unset: unlimited
     ALLOW_CIDRS = split_urls(os.environ.get("ALLOW_CIDR", ""))  # networks allowed; none: all
     LOG_FILE = os.environ.get("LOG_FILE", "ollamamq.log")  # "" logs to stderr only
     LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")

@@ -26,6 +26,7 @@ from limits import parse
 from werkzeug.exceptions import Forbidden, TooManyRequests, Unauthorized
 
 from .auth import holds_admin_credential
+from .budgets import COUNTED, budgets
 from .extensions import client_address, limiter
 from .keys import KEY_PREFIX, RING_KEY, KeyEntry, KeyRing
 from .services import dispatcher, keys
@@ -181,7 +182,7 @@ def _refused(exc: Unauthorized) -> Exception:
 
 
 def _identify() -> None:
-    """Before every proxied request: address rules, identity, blocks, then the role."""
+    """Before every proxied request: address rules, the role, identity, blocks, budgets."""
     if request.blueprint not in GUARDED or request.path in OPEN_PATHS:
         return
     _check_address()
@@ -193,6 +194,8 @@ def _identify() -> None:
     identity = current()
     if dispatcher().is_blocked(identity.user):
         raise Blocked(identity.user)
+    if request.method == "POST" and request.path in COUNTED:
+        budgets().check(identity.user)
 
 
 def _is_admin_only() -> bool:

@@ -69,6 +69,9 @@ class UserSetting(db.Model):
     weight: Mapped[float] = mapped_column(default=1.0)
     vip: Mapped[bool] = mapped_column(default=False)
     blocked: Mapped[bool] = mapped_column(default=False)
+    requests_per_minute: Mapped[int | None]  # None: the default budget
+    tokens_per_day: Mapped[float | None]
+    tokens_per_month: Mapped[float | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
@@ -107,3 +110,13 @@ class AuditEvent(db.Model):
     detail: Mapped[str] = mapped_column(Text, default="")
     address: Mapped[str] = mapped_column(String(100), default="")
     status: Mapped[int] = mapped_column(default=200)
+
+
+class TokenUsage(db.Model):
+    """Weighted tokens a user spent in one UTC day ("2026-12-02") or month ("2026-12")."""
+
+    __tablename__ = "token_usage"
+
+    user: Mapped[str] = mapped_column(String(200), primary_key=True)
+    period: Mapped[str] = mapped_column(String(10), primary_key=True)
+    tokens: Mapped[float] = mapped_column(default=0.0)

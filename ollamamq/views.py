@@ -16,6 +16,7 @@ from typing import Any
 from flask import current_app
 
 from .backends import BackendStatus, RunningModel
+from .budgets import budgets
 from .config import Config
 from .keys import KeyView
 from .services import dispatcher, keys, pulls
@@ -167,7 +168,21 @@ def user_dict(view: UserView) -> dict:
         "vip": view.vip,
         "weight": view.weight,
         "service": round(view.service, 3),
+        "budget": budget_dict(view.user),
     }
+
+
+def budget_dict(user: str) -> dict:
+    """The user's limits, what is used of them this day and month, and the share in percent."""
+    ledger = budgets()
+    limits, used = ledger.limits_of(user), ledger.usage(user)
+    shown = {"requests_per_minute": limits.requests_per_minute}
+    for period in ("day", "month"):
+        limit = getattr(limits, f"tokens_per_{period}")
+        shown[f"tokens_per_{period}"] = limit
+        shown[f"used_{period}"] = round(used[period])
+        shown[f"percent_{period}"] = min(100.0, 100 * used[period] / limit) if limit else None
+    return shown
 
 
 def queue_data(snap: Snapshot | None = None) -> dict:

@@ -333,6 +333,7 @@ def test_users_json_lists_every_user_with_their_tokens(client, proxy, fake):
         "vip",
         "weight",
         "service",
+        "budget",
     }
     assert (bob["served"], bob["tokens_out"], bob["blocked"]) == (1, 30, False)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", bob["last_seen"])

@@ -1,0 +1,193 @@
+"""Budgets per user: requests per minute, and tokens per day and per month.
+
+Tokens are weighted as fairness weighs them (input + OUTPUT_WEIGHT x output) and counted
+from what each finished request was charged: the backend's own figures, else what was
+streamed. Periods are UTC days and months. The counts live in memory and reach the
+database every few seconds and at stop, so a restart does not reset them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import gevent
+from flask import Flask, current_app
+from gevent.pool import Group
+from limits import RateLimitItemPerMinute
+from sqlalchemy import select
+from werkzeug.exceptions import TooManyRequests
+
+from .accesslog import Finished
+from .extensions import db, limiter
+from .models import TokenUsage
+
+log = logging.getLogger(__name__)
+
+BUDGETS_KEY = "ollamamq.budgets"
+WRITE_S = 5.0  # how often counted tokens reach the database
+LIMITS = ("requests_per_minute", "tokens_per_day", "tokens_per_month")
+COUNTED = frozenset(  # the inference calls a budget limits (listings and pulls are free)
+    (
+        "/api/generate",
+        "/api/chat",
+        "/api/embed",
+        "/api/embeddings",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    )
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One user's budget; None is unlimited."""
+
+    requests_per_minute: int | None = None
+    tokens_per_day: float | None = None
+    tokens_per_month: float | None = None
+
+
+class OverBudget(TooManyRequests):
+    """A user past one of their budgets: 429 until the period resets."""
+
+    def __init__(self, what: str, limit: float, used: float, reset: float, now: float) -> None:
+        super().__init__(
+            f"{what} budget spent: {used:.0f} of {limit:.0f}; it resets at "
+            f"{datetime.fromtimestamp(reset, UTC).isoformat(timespec='seconds')}"
+        )
+        self.retry_after = max(1, int(reset - now) + 1)
+        self.rate_headers = {
+            "X-RateLimit-Limit": f"{limit:.0f}",
+            "X-RateLimit-Remaining": str(max(0, int(limit - used))),
+            "X-RateLimit-Reset": str(int(reset)),
+        }
+
+
+def periods(now: float) -> dict[str, tuple[str, float]]:
+    """The current day and month of `now`: their key and when they end (epoch seconds)."""
+    moment = datetime.fromtimestamp(now, UTC)
+    day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    month = day.replace(day=1)
+    next_month = month.replace(year=month.year + month.month // 12, month=month.month % 12 + 1)
+    return {
+        "day": (day.strftime("%Y-%m-%d"), day.timestamp() + 86400),
+        "month": (month.strftime("%Y-%m"), next_month.timestamp()),
+    }
+
+
+class Budgets:
+    """Owns each user's budget and the tokens counted against it.
+
+    Request greenlets call check() and spend(); the writer greenlet only copies the counts
+    out. Nothing yields between reading and writing the counts.
+    """
+
+    def __init__(self, app: Flask, defaults: Limits, output_weight: float) -> None:
+        self.app = app
+        self.defaults = defaults
+        self.output_weight = output_weight
+        self.limits: dict[str, Limits] = {}  # users with limits of their own
+        self.used: dict[tuple[str, str], float] = {}  # (user, period key) -> weighted tokens
+        self._dirty: set[tuple[str, str]] = set()
+        self._group = Group()
+        self.clock = time.time  # tests freeze it
+
+    def limits_of(self, user: str) -> Limits:
+        return self.limits.get(user, self.defaults)
+
+    def set_limits(self, user: str, **given: float | None) -> None:
+        """A user's own limits; a None field falls back to the default."""
+        own = {k: v for k, v in given.items() if v is not None}
+        self.limits[user] = Limits(**{k: own.get(k, getattr(self.defaults, k)) for k in LIMITS})
+
+    def check(self, user: str) -> None:
+        """Raise OverBudget if `user` may not start another request now."""
+        now = self.clock()
+        limits = self.limits_of(user)
+        for name, (key, ends) in periods(now).items():
+            limit = getattr(limits, f"tokens_per_{name}")
+            used = self.used.get((user, key), 0.0)
+            if limit is not None and used >= limit:
+                raise OverBudget(f"tokens per {name}", limit, used, ends, now)
+        if limits.requests_per_minute is not None:
+            self._count_request(user, limits.requests_per_minute)
+
+    def _count_request(self, user: str, per_minute: int) -> None:
+        """Flask-Limiter's storage (memory or Redis) counts requests per minute, per user."""
+        item = RateLimitItemPerMinute(per_minute)
+        if limiter.limiter.hit(item, "budget-rpm", user):
+            return
+        reset, left = limiter.limiter.get_window_stats(item, "budget-rpm", user)
+        raise OverBudget("requests per minute", per_minute, per_minute - left, reset, time.time())
+
+    def spend(self, record: Finished) -> None:
+        """Count a finished request's tokens (an access-log observer)."""
+        cost = record.tokens_in + self.output_weight * record.tokens_out
+        if not cost:
+            return
+        for key, _ in periods(self.clock()).values():
+            self.used[(record.user, key)] = self.used.get((record.user, key), 0.0) + cost
+            self._dirty.add((record.user, key))
+
+    def usage(self, user: str) -> dict[str, float]:
+        """Tokens counted this day and month."""
+        current = periods(self.clock()).items()
+        return {name: self.used.get((user, key), 0.0) for name, (key, _) in current}
+
+    def load(self) -> None:
+        """Read this day's and month's counts (inside an app context)."""
+        keys = [key for key, _ in periods(self.clock()).values()]
+        for row in db.session.scalars(select(TokenUsage).where(TokenUsage.period.in_(keys))):
+            self.used[(row.user, row.period)] = row.tokens
+
+    def write(self) -> None:
+        """Store the counts changed since the last write."""
+        dirty, self._dirty = self._dirty, set()
+        if not dirty:
+            return
+        with self.app.app_context():
+            for user, period in dirty:
+                row = db.session.get(TokenUsage, (user, period)) or TokenUsage(
+                    user=user, period=period
+                )
+                row.tokens = self.used[(user, period)]
+                db.session.add(row)
+            db.session.commit()
+            db.session.remove()
+
+    def start(self) -> None:
+        loop = self._group.spawn(self._run)
+        loop.name = "ollamamq-budgets"
+        loop.link_exception(self._crashed)
+
+    def stop(self) -> None:
+        self._group.kill()
+        self.write()
+
+    def _crashed(self, loop: gevent.Greenlet) -> None:
+        log.error("budget writer died; restarting", exc_info=loop.exc_info)
+        self.start()
+
+    def _run(self) -> None:
+        while True:
+            gevent.sleep(WRITE_S)
+            self.write()
+
+
+def init_budgets(app: Flask) -> Budgets:
+    config = app.config
+    defaults = Limits(
+        config["DEFAULT_REQUESTS_PER_MINUTE"],
+        config["DEFAULT_TOKENS_PER_DAY"],
+        config["DEFAULT_TOKENS_PER_MONTH"],
+    )
+    budgets = app.extensions[BUDGETS_KEY] = Budgets(app, defaults, config["OUTPUT_WEIGHT"])
+    return budgets
+
+
+def budgets() -> Budgets:
+    return current_app.extensions[BUDGETS_KEY]

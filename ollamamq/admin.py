@@ -36,7 +36,8 @@ bp.after_request(audit.record_response)  # logins, logouts, keys made on the pag
 def users_view() -> dict:
     """Users sorted as the page's query string asks."""
     order = request.args.get("order", "asc")
-    return views.users_data(request.args.get("sort", "user"), order == "desc")
+    data = views.users_data(request.args.get("sort", "user"), order == "desc")
+    return data | {"addresses": views.addresses_data()}
 
 
 def queue_view() -> dict:

@@ -23,7 +23,7 @@ from .errors import json_error
 from .extensions import limiter
 from .pulls import JobView, PullService
 from .residency import ResidencyError, change
-from .services import dispatcher, keys, pulls, user_settings
+from .services import dispatcher, keys, networks, pulls, user_settings
 
 bp = Blueprint("admin_api", __name__, url_prefix="/admin/api")
 limiter.limit(login_limit, deduct_when=is_failed_attempt)(bp)  # wrong Bearer passwords
@@ -103,6 +103,29 @@ def update_user(user: str) -> Response:
     return done(
         f"user {user} updated", user=user, weight=row.weight, vip=row.vip, blocked=row.blocked
     )
+
+
+@bp.get("/addresses")
+def addresses() -> Response:
+    """Blocked client addresses and networks, and the allowed networks."""
+    return jsonify(views.addresses_data())
+
+
+@bp.post("/addresses/<any(block, unblock):action>")
+def block_address(action: str) -> Response:
+    """Block (or unblock) `address`: an IP or a CIDR network; checked before anything else."""
+    fields = request.get_json(silent=True) or request.form.to_dict() or request.args.to_dict()
+    address = str(fields.get("address", "")) if isinstance(fields, dict) else ""
+    try:
+        if action == "block":
+            network = networks().block(address, str(fields.get("note") or ""))
+        elif not networks().unblock(address):
+            return json_error(404, f"{address} is not blocked")
+        else:
+            network = address
+    except ValueError:
+        return json_error(400, f"not an IP address or network: {address!r}")
+    return done(f"{network} {action}ed", network=network)
 
 
 @bp.get("/audit")

@@ -84,6 +84,7 @@ def start_services(app: Flask) -> None:
             flask_migrate.upgrade(directory=MIGRATIONS)
         app.extensions["ollamamq.pulls"].recover()
         app.extensions["ollamamq.budgets"].load()
+        app.extensions["ollamamq.networks"].load()
         app.extensions["ollamamq.users"].load()
     app.extensions["ollamamq.keys"].start()
     app.extensions["ollamamq.budgets"].start()

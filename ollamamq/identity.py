@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -29,12 +28,13 @@ from .auth import holds_admin_credential
 from .budgets import COUNTED, budgets
 from .extensions import client_address, limiter
 from .keys import KEY_PREFIX, RING_KEY, KeyEntry, KeyRing
+from .network import NetworkRules
 from .services import dispatcher, keys
 
 log = logging.getLogger(__name__)
 
 ENVIRON_KEY = "ollamamq.identity"
-NETWORKS_KEY = "ollamamq.allowed_networks"
+NETWORKS_KEY = "ollamamq.networks"
 GUARDED = ("proxy", "openai_api", "downloads")  # blueprints whose requests are identified
 OPEN_PATHS = frozenset({"/health"})  # answered without a key
 ADMIN_ONLY = (  # (method, path prefix) that manage models or the queue: admin keys only
@@ -80,10 +80,6 @@ class Blocked(Forbidden):
         super().__init__(f"user '{user}' is blocked by an operator")
 
 
-class NotAllowedAddress(Forbidden):
-    description = "this client address may not use the proxy"
-
-
 class TooManyBadKeys(TooManyRequests):
     """A client address that keeps sending wrong keys waits, like a wrong admin password."""
 
@@ -96,8 +92,7 @@ def init_identity(app: Flask) -> KeyRing:
     """The app's key ring, and the hook that identifies every proxied request."""
     ring = KeyRing(app)
     app.extensions[RING_KEY] = ring
-    nets = [ipaddress.ip_network(c.strip(), strict=False) for c in app.config["ALLOW_CIDRS"]]
-    app.extensions[NETWORKS_KEY] = nets
+    app.extensions[NETWORKS_KEY] = NetworkRules(app.config["ALLOW_CIDRS"])
     app.before_request(_identify)
     return ring
 
@@ -185,7 +180,7 @@ def _identify() -> None:
     """Before every proxied request: address rules, the role, identity, blocks, budgets."""
     if request.blueprint not in GUARDED or request.path in OPEN_PATHS:
         return
-    _check_address()
+    current_app.extensions[NETWORKS_KEY].check(client_address())
     if keys().enforced and _is_admin_only():
         if not holds_admin_credential():  # an admin key, or the admin password
             raise NeedsAdmin()
@@ -201,16 +196,3 @@ def _identify() -> None:
 def _is_admin_only() -> bool:
     method, path = request.method, request.path
     return any(method == m and path.startswith(p) for m, p in ADMIN_ONLY)
-
-
-def _check_address() -> None:
-    """`--allow-cidr`: only these networks may use the proxy (none set: everyone)."""
-    allowed = current_app.extensions[NETWORKS_KEY]
-    if not allowed:
-        return
-    try:
-        address = ipaddress.ip_address(client_address())
-    except ValueError:
-        raise NotAllowedAddress() from None
-    if not any(address in network for network in allowed):
-        raise NotAllowedAddress()

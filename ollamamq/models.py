@@ -120,3 +120,13 @@ class TokenUsage(db.Model):
     user: Mapped[str] = mapped_column(String(200), primary_key=True)
     period: Mapped[str] = mapped_column(String(10), primary_key=True)
     tokens: Mapped[float] = mapped_column(default=0.0)
+
+
+class BlockedNetwork(db.Model):
+    """A client address or network an operator shut out (ollamaMQ blocks IPs as well as users)."""
+
+    __tablename__ = "blocked_networks"
+
+    network: Mapped[str] = mapped_column(String(50), primary_key=True)  # "10.0.0.7/32"
+    note: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -7,6 +7,7 @@ from flask_apscheduler import APScheduler
 
 from .dispatcher import Dispatcher
 from .keys import RING_KEY, KeyRing
+from .network import NetworkRules
 from .pulls import PullService
 from .users import UserSettings
 
@@ -34,3 +35,8 @@ def scheduler() -> APScheduler:
 def keys() -> KeyRing:
     """The app's API keys."""
     return current_app.extensions[RING_KEY]
+
+
+def networks() -> NetworkRules:
+    """The app's allowed and blocked client networks."""
+    return current_app.extensions["ollamamq.networks"]

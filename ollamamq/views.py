@@ -19,7 +19,7 @@ from .backends import BackendStatus, RunningModel
 from .budgets import budgets
 from .config import Config
 from .keys import KeyView
-from .services import dispatcher, keys, pulls
+from .services import dispatcher, keys, networks, pulls
 from .snapshot import Snapshot, UserView
 
 MASK = "********"
@@ -52,6 +52,12 @@ def iso(moment: float | datetime | None) -> str | None:
 
 
 # -- the JSON API's answers -------------------------------------------------------------------
+
+
+def addresses_data() -> dict:
+    """The client networks blocked by operators, and the allowed ones (none: everyone)."""
+    rules = networks()
+    return {"blocked": rules.listing(), "allowed": [str(n) for n in rules.allowed]}
 
 
 def key_dict(view: KeyView) -> dict:

@@ -302,3 +302,26 @@ def test_admin_actions_and_key_events_are_in_the_audit_trail_without_secrets(app
     assert "s3cret" not in repr(trail) and key not in repr(trail) and "guess" not in repr(trail)
     page = requests.get(f"{proxy}/admin/activity", headers=admin, timeout=10)
     assert page.status_code == 200 and "revoke_key" in page.text
+
+
+@pytest.mark.parametrize("config", [{"ADMIN_PASSWORD": "pw"}])
+def test_an_operator_blocks_an_address_under_every_user_and_key(app, proxy):
+    admin = {"Authorization": "Bearer pw"}
+    key = create(app, "ana")
+
+    def block(action: str, address: str) -> requests.Response:
+        url = f"{proxy}/admin/api/addresses/{action}"
+        return requests.post(url, json={"address": address}, headers=admin, timeout=10)
+
+    assert block("block", "not-an-ip").status_code == 400
+    assert block("block", "127.0.0.0/8").json()["network"] == "127.0.0.0/8"
+    for name in ("ana", "someone"):
+        refused = chat(proxy, key, user=name)
+        assert refused.status_code == 403 and "blocked" in refused.json()["error"]
+    listed = requests.get(f"{proxy}/admin/api/addresses", headers=admin, timeout=10).json()
+    assert listed["blocked"] == [{"network": "127.0.0.0/8", "note": ""}]
+    page = requests.get(f"{proxy}/admin/users", headers=admin, timeout=10).text
+    assert "127.0.0.0/8" in page and "block-address" in page
+    assert block("unblock", "127.0.0.0/8").status_code == 200
+    assert chat(proxy, key).status_code == 200
+    assert block("unblock", "127.0.0.0/8").status_code == 404

@@ -25,10 +25,11 @@ import os
 import random
 import re
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.client import HTTPConnection, HTTPException, HTTPResponse
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ MAX_REQUESTS = 100_000  # per greenlet: a bound besides the window's end
 MAX_QUEUE = 1000  # --max-queue-per-user: the heavy user's backlog must never be refused
 ERROR_PAUSE = 0.05  # seconds a greenlet rests after a failed request, so it cannot spin
 KILL_TIMEOUT = 5.0
+KEY_RELOAD_WAIT = 1.5  # seconds until a running proxy has read keys made by the CLI
 TAIL = 0.5  # seconds of load after the window, besides two heavy requests' worth
 JAIN_TARGET = 0.95
 BACKLOGGED_PCT = 99.0  # a user with a request outstanding this much of the window is backlogged
@@ -74,6 +76,7 @@ class User:
     think: float = 0.0  # seconds between a reply and the next request; 0: always backlogged
     rotate: bool = False  # a fresh X-User-ID for every request (ids cost nothing without keys)
     abort_at: float = 0.0  # hang up once this share of the answer's records is read; 0: never
+    key: str = ""  # with --keys: the user's own API key, sent with every request
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heavy-outstanding", type=int, default=10, help="heavy requests kept (10)")
     p.add_argument("--heavy-tokens", type=int, default=200, help="tokens a heavy answer (200)")
     p.add_argument("--light-users", type=int, default=4, help="light users (4)")
-    p.add_argument("--light-outstanding", type=int, default=2, help="each light user keeps (2)")
+    p.add_argument("--light-outstanding", type=int, help="each light user keeps (2; rotating: 1)")
     p.add_argument("--light-tokens", type=int, default=20, help="tokens a light answer (20)")
     p.add_argument(
         "--light-think",
@@ -183,11 +186,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "hangs up at 95%% of each answer against an honest one, both --heavy-tokens; "
         "usageless: heavy, light, over OpenAI streams from a backend that reports no usage",
     )
+    p.add_argument(
+        "--keys",
+        action="store_true",
+        help="give every user an API key of its own (ollamamq keys create): ids then cost",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds = 4.0
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    if args.light_outstanding is None:
+        args.light_outstanding = 1 if args.scenario == "rotating" else 2
     args.modes = [m for m in MODES if m in args.modes.split(",")]
     if not args.modes or min(args.slots, args.backends, args.seconds) <= 0:
         p.error("need a known mode, and positive --slots, --backends and --seconds")
@@ -198,7 +208,7 @@ def users_of(args: argparse.Namespace) -> list[User]:
     """The heavy user (or attacker) first, then the light ones."""
     if args.scenario == "rotating":
         attacker = User("rotating", ROTATING_OUTSTANDING, args.light_tokens, rotate=True)
-        return [attacker, User("light-1", 1, args.light_tokens)]
+        return [attacker, User("light-1", args.light_outstanding, args.light_tokens)]
     if args.scenario == "aborter":
         tokens = args.heavy_tokens
         return [User("aborter", 2, tokens, abort_at=ABORT_AT), User("honest", 2, tokens)]
@@ -219,7 +229,8 @@ def exchange(
     queued = True
     marker, limit = CONTENT[path == OPENAI_PATH], int(user.abort_at * user.tokens)
     try:
-        conn.request("POST", path, body, {"X-User-ID": name})
+        auth = {"Authorization": f"Bearer {user.key}"} if user.key else {}
+        conn.request("POST", path, body, {"X-User-ID": name, **auth})
         response = conn.getresponse()
         track.queued.leave()
         queued = False
@@ -479,6 +490,20 @@ def exceptions(server: Server) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def create_key(proxy: Server, user: str) -> str:
+    """A key for `user` in the running proxy's database, made by the real CLI."""
+    env = os.environ | {"DB_PATH": str(proxy.workdir / "ollamamq.db"), "LOG_FILE": ""}
+    made = subprocess.run(
+        [sys.executable, "-m", "ollamamq", "keys", "create", user],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return made.stdout.split()[-1]
+
+
 def run_mode(mode: str, fakes: list[Server], args: argparse.Namespace) -> dict[str, Any]:
     """A fresh proxy in `mode` in front of the fakes, loaded for the warm-up and the window."""
     users = users_of(args)
@@ -488,6 +513,9 @@ def run_mode(mode: str, fakes: list[Server], args: argparse.Namespace) -> dict[s
         proxy = servers.start_proxy(fakes[0].url, args.slots, extra)
         stack.callback(servers.remove_logs, [proxy])
         stack.callback(servers.stop, proxy)
+        if args.keys:
+            users = [replace(u, key=create_key(proxy, u.name)) for u in users]
+            gevent.sleep(KEY_RELOAD_WAIT)  # the proxy reads new keys every second
         tracks = load(proxy.url, users, args)
         counters = proxy_users(proxy.url)
         problems = exceptions(proxy)

@@ -208,12 +208,23 @@ class Dispatcher:
         assert backend is not None
         backend.active -= 1
         backend.rest_until = time.monotonic() + rest_s
-        gevent.spawn_later(rest_s, self.wake).name = "ollamamq-rest-over"
+        gevent.spawn(self._end_rest, backend).name = "ollamamq-rest-over"
         del self._active[ticket]
         ticket.state, ticket.backend, ticket.started_at = WAITING, None, None
         ticket.granted = Event()
         self.queue.requeue(ticket.item)
         self._wake.set()
+
+    def _end_rest(self, backend: Backend) -> None:
+        """Wake the grants once the rest is over by the clock the policy reads.
+
+        A hub timer may fire a little before time.monotonic() reaches `rest_until` (the
+        loop's clock lags under load); a wake then would find the backend still resting
+        and nothing would wake the dispatcher again.
+        """
+        while (left := backend.rest_until - time.monotonic()) > 0:
+            gevent.sleep(left)
+        self.wake()
 
     def release(self, ticket: Ticket) -> None:
         """Free the ticket's slot and count its work; safe to call more than once."""

@@ -12,7 +12,17 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import accesslog, admin, admin_api, downloads, errors, openai_api, prometheus, proxy
+from . import (
+    accesslog,
+    admin,
+    admin_api,
+    downloads,
+    errors,
+    openai_api,
+    paths,
+    prometheus,
+    proxy,
+)
 from .auth import init_auth
 from .backends import BackendPool
 from .budgets import init_budgets
@@ -38,6 +48,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         hops = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
     errors.register(app)
+    paths.init_app(app)
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS)
     limiter.init_app(app)

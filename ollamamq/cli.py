@@ -240,6 +240,7 @@ class Handler(WSGIHandler):
     def get_environ(self) -> dict:
         environ = super().get_environ()
         environ["ollamamq.socket"] = self.socket
+        environ["RAW_URI"] = self.path  # as sent, before decoding (gunicorn sets it too)
         return environ
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 
 from .catalog import union
+from .paths import check_model_name
 from .relay import serve_direct, serve_queued
 from .services import dispatcher
 
@@ -38,4 +39,4 @@ def models() -> Response:
 @bp.get("/models/<path:model>")
 def model(model: str) -> Response:
     """One model (names may hold ':' and '/'), from a backend that has it."""
-    return serve_direct(f"/v1/models/{model}", model=model)
+    return serve_direct(f"/v1/models/{check_model_name(model)}", model=model)

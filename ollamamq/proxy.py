@@ -8,6 +8,7 @@ from sqlalchemy import text
 from .catalog import queued_entry, union
 from .extensions import db
 from .identity import user_of
+from .paths import check_digest
 from .payloads import model_named
 from .relay import serve_direct, serve_queued
 from .services import dispatcher, pulls, scheduler
@@ -41,7 +42,7 @@ for _path, _methods in DIRECT:
 @bp.route("/api/blobs/<digest>", methods=["HEAD", "POST"])
 def blobs(digest: str) -> Response:
     """Model layer uploads, streamed through without holding them in memory."""
-    return serve_direct(f"/api/blobs/{digest}")
+    return serve_direct(f"/api/blobs/{check_digest(digest)}")
 
 
 @bp.post("/api/show")

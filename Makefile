@@ -28,5 +28,9 @@ lint: $(VENV)/.test
 test: system-deps lint
 	$(VENV)/bin/pytest
 
-bench: $(VENV)/.test
-	$(PY) bench/proxy_bench.py
+$(VENV)/.bench: $(VENV)/.test
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
+	$(PY) bench/proxy_bench.py $(ARGS)

@@ -38,5 +38,9 @@ test: system-deps lint tests/node_modules/.installed
 	$(VENV)/bin/pytest
 	faketime -f +400d $(VENV)/bin/pytest -q $(CLOCK_TESTS)
 
-bench: $(VENV)/.test
-	$(PY) bench/proxy_bench.py
+$(VENV)/.bench: $(VENV)/.test
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
+	$(PY) bench/proxy_bench.py $(ARGS)

@@ -6,22 +6,24 @@ by the deadline are dropped and counted as `unfinished`, apart from the errors.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
 from http.client import HTTPConnection
+from pathlib import Path
 from typing import Any
 
 import gevent
-import psutil
 from gevent.event import Event
 
+from . import wrk
 from .client import Reply, connect, fetch, generate, percentile
 
 GENERATE = "/api/generate"
 SMALL = generate(1, stream=False)
-SAMPLE_EVERY = 0.05  # seconds between RSS samples
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc/PID/stat's CPU times
 
 
 def warm_until(deadline: float) -> float:
@@ -44,9 +46,9 @@ def sequential(
 def run_clients(
     conns: list[HTTPConnection], count: int, body: bytes, deadline: float
 ) -> list[Reply]:
-    """Each connection sends `count` requests in a row as its own user, all concurrently."""
+    """Each connection sends `count` requests in a row, all as one user, all concurrently."""
     greenlets = [
-        gevent.spawn(sequential, conn, body, f"bench-{i}", count, deadline)
+        gevent.spawn(sequential, conn, body, "bench", count, deadline)
         for i, conn in enumerate(conns)
     ]
     gevent.joinall(greenlets, timeout=max(0.0, deadline - time.monotonic()) + 1)
@@ -71,45 +73,69 @@ def summary(replies: list[Reply], expected: int, seconds: float) -> dict[str, An
     }
 
 
-def cpu_seconds(pids: dict[str, int | None]) -> dict[str, float]:
-    """User plus system CPU seconds used so far by each named process that can be seen."""
-    used = {}
-    for name, pid in pids.items():
-        try:
-            times = psutil.Process(pid).cpu_times() if pid else None
-        except psutil.Error:
-            times = None
-        if times is not None:
-            used[name] = times.user + times.system
-    return used
+def cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU seconds a process used so far, from /proc/PID/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
-def latency(
-    url: str, total: int, concurrency: int, deadline: float, pids: dict[str, int | None]
-) -> dict[str, Any]:
-    """(a) Small non-streamed requests from `concurrency` keep-alive clients, distinct users."""
+def peak_rss_mb(pid: int | None) -> float | None:
+    """A process's peak resident memory (VmHWM) in MB, from /proc/PID/status."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    kb = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return round(int(kb) / 1024, 1) if kb else None
+
+
+def cpu_per_request(pid: int | None, before: float | None, requests: int) -> float | None:
+    """Milliseconds of the process's CPU per request since `before`."""
+    after = cpu_seconds(pid)
+    if before is None or after is None or not requests:
+        return None
+    return round(1000 * (after - before) / requests, 3)
+
+
+def latency(url: str, total: int, concurrency: int, deadline: float, pid: int | None) -> dict:
+    """Small non-streamed requests from `concurrency` keep-alive clients of one user."""
     conns = [connect(url) for _ in range(concurrency)]
     each = max(1, total // concurrency)
     try:
         warm = max(5, min(200, total // 10) // concurrency)
         run_clients(conns, warm, SMALL, warm_until(deadline))
-        before = cpu_seconds(pids)
+        before = cpu_seconds(pid)
         started = time.perf_counter()
         replies = run_clients(conns, each, SMALL, deadline)
         seconds = time.perf_counter() - started
-        after = cpu_seconds(pids)
     finally:
         for conn in conns:
             conn.close()
     result = summary(replies, each * concurrency, seconds)
-    cpu = {name: round(100 * (after[name] - before[name]) / seconds, 1) for name in after}
-    return result | {"concurrency": concurrency, "cpu_percent": cpu}
+    cpu = cpu_per_request(pid, before, len(replies))
+    return result | {"concurrency": concurrency, "cpu_ms": cpu, "client": "python"}
 
 
-def first_byte(url: str, count: int, deadline: float) -> dict[str, Any]:
-    """(b) Time to the first byte of a 16-token stream, sequential requests on one connection."""
+def throughput(url: str, concurrency: int, seconds: float, pid: int | None) -> dict:
+    """Req/s of small requests for `seconds`, with wrk if installed, and CPU per request."""
+    if not wrk.available():
+        deadline = time.monotonic() + seconds * 1.25  # a fifth of it goes to the warm-up
+        return latency(url, 100_000, concurrency, deadline, pid)
+    wrk.run(url + GENERATE, SMALL, concurrency, 1)  # warm-up
+    before = cpu_seconds(pid)
+    result = wrk.run(url + GENERATE, SMALL, concurrency, seconds)
+    cpu = cpu_per_request(pid, before, result["requests"])
+    return result | {"concurrency": concurrency, "cpu_ms": cpu, "client": "wrk"}
+
+
+def first_byte(url: str, count: int, tokens: int, deadline: float) -> dict[str, Any]:
+    """Time to the first byte of a stream, sequential requests on one connection."""
     conn = connect(url)
-    body = generate(16, stream=True)
+    body = generate(tokens, stream=True)
     try:
         sequential(conn, body, "bench-ttfb", max(3, min(20, count // 10)), warm_until(deadline))
         replies = sequential(conn, body, "bench-ttfb", count, deadline)
@@ -151,41 +177,22 @@ def relay_rate(reply: Reply) -> float:
     return (reply.records - 1) / streaming if streaming > 0 else reply.records / reply.seconds
 
 
-class PeakRss:
-    """Samples one process's RSS every 50 ms in its own greenlet; only that greenlet writes."""
-
-    def __init__(self, pid: int | None) -> None:
-        try:
-            self.process = psutil.Process(pid) if pid else None
-        except psutil.Error:
-            self.process = None
-        self.start_mb = self._sample()
-        self.peak_mb = self.start_mb
-        self._greenlet = gevent.spawn(self._run)
-        self._greenlet.name = "bench-rss"
-
-    def _sample(self) -> float:
-        try:
-            return self.process.memory_info().rss / 2**20 if self.process else 0.0
-        except psutil.Error:
-            return 0.0
-
-    def _run(self) -> None:
-        while True:
-            self.peak_mb = max(self.peak_mb, self._sample())
-            gevent.sleep(SAMPLE_EVERY)
-
-    def stop(self) -> None:
-        """Take a last sample and stop."""
-        self._greenlet.kill()
-        self.peak_mb = max(self.peak_mb, self._sample())
+def stream_seconds(url: str, count: int, deadline: float) -> float | None:
+    """The median duration of a one-token stream, sequential on one connection."""
+    conn = connect(url)
+    try:
+        replies = sequential(conn, generate(1, stream=True), "bench-one", count, deadline)
+    finally:
+        conn.close()
+    durations = [r.seconds for r in replies if r.ok]
+    return statistics.median(durations) if durations else None
 
 
 def many_streams(
     url: str, clients: int, users: int, deadline: float, pid: int | None
 ) -> dict[str, Any]:
-    """(d) `clients` streamed 8-token requests sent at once, one connection each."""
-    gate, body, tried = Event(), generate(8, stream=True), []
+    """`clients` streamed one-token requests sent at once, one connection each."""
+    gate, body, tried = Event(), generate(1, stream=True), []
     warm = connect(url)
     sequential(warm, body, "bench-warm", 8, warm_until(deadline))
     warm.close()
@@ -201,7 +208,6 @@ def many_streams(
         gate.wait()
         return fetch(conns[i], GENERATE, body, f"user-{i % users}")
 
-    rss = PeakRss(pid)
     greenlets = [gevent.spawn(client, i) for i in range(clients)]
     try:
         wait_for(lambda: len(tried) == clients, deadline)
@@ -212,14 +218,13 @@ def many_streams(
         seconds = time.perf_counter() - started
     finally:
         gevent.killall(greenlets, timeout=1)
-        rss.stop()
         for conn in conns:
             conn.close()
     replies = [g.value for g in greenlets if isinstance(g.value, Reply)]
     result = summary(replies, clients, seconds)
     del result["rps"]
     result |= {"users": users, "connected": connected}
-    return result | {"rss_start_mb": round(rss.start_mb, 1), "rss_peak_mb": round(rss.peak_mb, 1)}
+    return result | {"rss_peak_mb": peak_rss_mb(pid)}
 
 
 def wait_for(condition: Callable[[], bool], deadline: float) -> None:

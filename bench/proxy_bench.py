@@ -1,10 +1,11 @@
-"""Direct to the fake Ollama versus through the proxy: latency, first byte, relay, many clients.
+"""The fake Ollama direct, behind nginx, and behind the proxy, side by side in one run.
 
-    python -m bench.proxy_bench [--quick] [--json FILE] [--only c1,c32,ttfb,chunks,clients]
+    python bench/proxy_bench.py [--quick] [--json FILE] [--plot FILE] [--profile FILE]
 
-The fake and the proxy run as subprocesses; the load comes from this process, on gevent,
-with http.client keep-alive connections. The "direct" column is what this client gets from
-the fake alone, so the client's own cost is visible there.
+The fakes, the proxies and nginx (when installed) run as subprocesses on loopback; the
+load comes from wrk (when installed) and from this process, on gevent, with http.client
+keep-alive connections. Every server is measured from outside: CPU from /proc/PID/stat,
+peak memory from /proc/PID/status. Issue 11's table and its scale curve come out of one run.
 """
 
 # ruff: noqa: E402  (gevent must patch the standard library before anything imports it)
@@ -16,6 +17,7 @@ monkey.patch_all()
 
 import argparse
 import json
+import math
 import os
 import platform
 import pstats
@@ -23,65 +25,60 @@ import resource
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for `python bench/...py`
 
-from bench import measure, servers
-from bench.report import table
+from bench import measure, scale, servers, wrk
+from bench.report import tables
 from bench.servers import Server
 
-MEASUREMENTS = ("c1", "c32", "ttfb", "chunks", "clients")
-LATENCY_SLOTS = 32  # (a)-(c): enough slots that c=32 is queued but never serialized
-STREAM_SLOTS = 8  # (d): the proxy queues whatever does not fit in 8 slots
-SERVED_BY = {"clients": "streams"}  # the proxy that serves (d); "proxy" serves the others
+SLOTS = 4  # --backend-parallel of both proxies: the batch-job case of issue 11
+SIDES = ("direct", "nginx", "proxy")
+PLOT = Path(__file__).resolve().parent / "scale.png"
 
 
 @dataclass(frozen=True)
 class Plan:
     """How much of each measurement to run, and how long any one of them may take."""
 
-    c1: int = 2000
-    c32: int = 10_000
-    concurrency: int = 32
-    ttfb: int = 300
-    tokens: int = 2000
+    c1: int = 2000  # sequential requests for the added p50
+    load_seconds: float = 5.0  # each wrk run (c=32 and the concurrency curve)
+    concurrency: tuple[int, ...] = (1, 32, 256)
+    ttfb: int = 200  # sequential streams of 20 tokens x 10 ms
+    ttfb_tokens: int = 20
+    token_delay: float = 0.01
+    tokens: int = 500  # the relayed stream
     repeats: int = 5
-    clients: int = 2000
-    users: int = 0  # X-User-IDs among the clients of (d); 0: one per client
-    limit: float = 30.0  # seconds any one measurement may take
-    budget: float = 150.0  # seconds all of them together may take
+    held: tuple[int, ...] = (1_000, 5_000, 10_000)  # streams held at once, SLOTS at a time
+    grant_users: tuple[int, ...] = scale.USERS
+    grant_budget: float = 0.2  # seconds per grant measurement
+    limit: float = 60.0  # seconds any one measurement may take
 
 
-QUICK = Plan(c1=100, c32=640, ttfb=30, repeats=2, clients=200, limit=2.0, budget=12.0)
+QUICK = Plan(
+    c1=100,
+    load_seconds=1.0,
+    concurrency=(1, 32),
+    ttfb=20,
+    repeats=2,
+    held=(100, 200),
+    grant_users=(10, 1_000),
+    grant_budget=0.02,
+    limit=10.0,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(prog="python -m bench.proxy_bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python bench/proxy_bench.py", description=__doc__)
     p.add_argument("--quick", action="store_true", help="a tiny run, for a smoke test")
     p.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
-    p.add_argument("--proxy-url", help="use this running proxy (for every measurement)")
-    p.add_argument("--backend-url", help="use this running fake (default: the proxy's backend)")
-    p.add_argument("--only", default=",".join(MEASUREMENTS), help="comma list of measurements")
-    p.add_argument("--clients", type=int, help="streaming clients in (d) (2000)")
-    p.add_argument("--users", type=int, help="distinct users among them (one per client)")
-    p.add_argument("--profile", metavar="FILE", help="run the spawned proxy under cProfile")
-    args = p.parse_args(argv)
-    unknown = set(args.only.split(",")) - set(MEASUREMENTS)
-    if unknown:
-        p.error(f"unknown measurements {sorted(unknown)}; choose from {MEASUREMENTS}")
-    return args
-
-
-def make_plan(args: argparse.Namespace) -> Plan:
-    """The plan the flags ask for."""
-    plan = QUICK if args.quick else Plan()
-    if args.clients:
-        plan = replace(plan, clients=args.clients)
-    return replace(plan, users=args.users or plan.clients)
+    p.add_argument("--plot", metavar="FILE", default=str(PLOT), help=f"the PNG ({PLOT.name})")
+    p.add_argument("--profile", metavar="FILE", help="run the c=32 proxy under cProfile")
+    return p.parse_args(argv)
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -92,91 +89,83 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def start_servers(
-    args: argparse.Namespace, plan: Plan, only: set[str], stack: ExitStack
-) -> dict[str, Server]:
-    """The fake, a proxy for (a)-(c) and a proxy for (d): started here unless given."""
-    if args.proxy_url:
-        proxy = servers.external("proxy", args.proxy_url)
-        backend = args.backend_url or servers.backend_of(proxy.url)
-        return {"fake": servers.external("fake", backend), "proxy": proxy, "streams": proxy}
-    fake = servers.external("fake", args.backend_url) if args.backend_url else None
-    if fake is None:
-        fake = servers.start_fake()
-        stack.callback(servers.stop, fake)
-    proxy = servers.start_proxy(fake.url, LATENCY_SLOTS, [], args.profile or "")
-    stack.callback(servers.stop, proxy)
-    procs = {"fake": fake, "proxy": proxy}
-    if "clients" in only:
-        room = ["--max-queue-per-user", str(plan.clients), "--max-queue", str(2 * plan.clients)]
-        procs["streams"] = servers.start_proxy(fake.url, STREAM_SLOTS, room)
-        stack.callback(servers.stop, procs["streams"])
-    return procs
+def start_servers(plan: Plan, profile: str, stack: ExitStack) -> dict[str, dict[str, Server]]:
+    """Per side, a server in front of the quick fake and one in front of the paced fake."""
 
+    def started(server: Server | None) -> Server | None:
+        if server is not None:
+            stack.callback(servers.stop, server)
+        return server
 
-class Budget:
-    """Deadlines for the measurements: each gets `limit` seconds, all share `total`."""
-
-    def __init__(self, limit: float, total: float) -> None:
-        self.limit = limit
-        self.end = time.monotonic() + total
-
-    def deadline(self) -> float | None:
-        """The next measurement's deadline, or None once the whole budget is spent."""
-        now = time.monotonic()
-        return min(now + self.limit, self.end) if now < self.end - 0.2 else None
-
-
-def run(plan: Plan, only: set[str], procs: dict[str, Server]) -> dict[str, Any]:
-    """Each chosen measurement, direct first, then through the proxy."""
-    results: dict[str, Any] = {"direct": {}, "proxy": {}, "skipped": []}
-    budget = Budget(plan.limit, plan.budget)
-    jobs = {
-        "c1": lambda s, end, pids: measure.latency(s.url, plan.c1, 1, end, pids),
-        "c32": lambda s, end, pids: measure.latency(s.url, plan.c32, plan.concurrency, end, pids),
-        "ttfb": lambda s, end, pids: measure.first_byte(s.url, plan.ttfb, end),
-        "chunks": lambda s, end, pids: measure.chunk_rate(s.url, plan.tokens, plan.repeats, end),
-        "clients": lambda s, end, pids: measure.many_streams(
-            s.url, plan.clients, plan.users, end, s.pid
-        ),
+    quick = started(servers.start_fake(tokens=1))
+    paced = started(servers.start_fake(tokens=1, token_delay=plan.token_delay, name="paced"))
+    room = 2 * max(plan.held)
+    queue = ["--max-queue-per-user", str(room), "--max-queue", str(room)]
+    sides = {
+        "direct": {"quick": quick, "paced": paced},
+        "proxy": {
+            "quick": started(servers.start_proxy(quick.url, SLOTS, queue, profile)),
+            "paced": started(servers.start_proxy(paced.url, SLOTS, queue, name="proxy-paced")),
+        },
     }
-    pids = {"client": os.getpid(), "fake": procs["fake"].pid}
-    sides = {"direct": pids, "proxy": pids | {"proxy": procs["proxy"].pid}}
-    for name in (name for name in MEASUREMENTS if name in only):
-        for side, watched in sides.items():
-            server = procs["fake"] if side == "direct" else procs[SERVED_BY.get(name, "proxy")]
-            end = budget.deadline()
-            if end is None:
-                results["skipped"].append(f"{name} {side}")
-            else:
-                results[side][name] = jobs[name](server, end, watched)
+    nginx = started(servers.start_nginx(quick.url))
+    if nginx is not None:
+        sides["nginx"] = {"quick": nginx, "paced": started(servers.start_nginx(paced.url))}
+    return sides
+
+
+def run(plan: Plan, sides: dict[str, dict[str, Server]]) -> dict[str, Any]:
+    """The table's measurements on each side, then the scale curve."""
+
+    def deadline() -> float:
+        return time.monotonic() + plan.limit
+
+    results: dict[str, Any] = {side: {} for side in sides}
+    for side, (quick, paced) in ((s, (v["quick"], v["paced"])) for s, v in sides.items()):
+        out = results[side]
+        out["c32"] = measure.throughput(quick.url, 32, plan.load_seconds, quick.pid)
+        out["c1"] = measure.latency(quick.url, plan.c1, 1, deadline(), quick.pid)
+        out["ttfb"] = measure.first_byte(paced.url, plan.ttfb, plan.ttfb_tokens, deadline())
+        out["relay"] = measure.chunk_rate(quick.url, plan.tokens, plan.repeats, deadline())
+    one = measure.stream_seconds(sides["direct"]["paced"].url, 20, deadline())
+    results["held"] = [held(sides["proxy"]["paced"], n, one, deadline()) for n in plan.held]
+    results["cpu"] = {side: [] for side in sides if side != "direct"}
+    for side, points in results["cpu"].items():
+        quick = sides[side]["quick"]
+        for c in plan.concurrency:
+            point = results[side]["c32"] if c == 32 else None
+            points.append(point or measure.throughput(quick.url, c, plan.load_seconds, quick.pid))
+    results["grant"] = scale.grant_curve(plan.grant_budget, plan.grant_users)
     return results
 
 
-def notes(
-    plan: Plan, args: argparse.Namespace, procs: dict[str, Server], results: dict[str, Any]
-) -> list[str]:
-    """What the reader needs to know to interpret the table."""
-    users = "one X-User-ID per client" if plan.users == plan.clients else f"{plan.users} users"
-    slots = "" if args.proxy_url else f"; proxy run with --backend-parallel {LATENCY_SLOTS}"
-    wide = "" if args.proxy_url else f"; proxy run with --backend-parallel {STREAM_SLOTS}"
-    described = {
-        "c1": f"(a) c=1: {plan.c1} requests on one keep-alive connection",
-        "c32": f"(a) c={plan.concurrency}: {plan.c32} requests, one user per client{slots}",
-        "ttfb": f"(b) {plan.ttfb} sequential streams of 16 tokens, first body byte",
-        "chunks": f"(c) {plan.repeats} streams of {plan.tokens} tokens, first byte to last",
-        "clients": f"(d) {plan.clients} streams of 8 tokens sent at once, {users}{wide}; "
-        "the direct column is the fake serving all at once (RSS is the fake's)",
-    }
+def held(server: Server, clients: int, one: float | None, end: float) -> dict[str, Any]:
+    """`clients` one-token streams at once through SLOTS slots; wall time against ideal."""
+    result = measure.many_streams(server.url, clients, clients, end, server.pid)
+    ideal = math.ceil(clients / SLOTS) * one if one else None
+    ratio = round(result["seconds"] / ideal, 3) if ideal else None
+    return result | {"clients": clients, "ideal_seconds": ideal, "wall_vs_ideal": ratio}
+
+
+def notes(plan: Plan, sides: dict[str, dict[str, Server]], results: dict[str, Any]) -> list[str]:
+    """What the reader needs to know to interpret the tables."""
+    load = "wrk -t1" if wrk.available() else "this process (wrk is not installed)"
     lines = [
-        f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-        "client, fake and proxy are separate processes on loopback",
-        "client: this process, gevent + http.client, one keep-alive connection per client",
-        *(text for name, text in described.items() if name in results["plan"]["only"]),
+        f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; every server "
+        "is a separate process on loopback; the proxies run with "
+        f"--backend-parallel {SLOTS}, one user (X-User-ID: bench)",
+        f"req/s and CPU: {load}, {plan.load_seconds:.0f} s per run, a 1-token /api/generate; "
+        "CPU per request is the server's own utime+stime from /proc/PID/stat",
+        f"p50: {plan.c1} sequential requests on one keep-alive connection; first byte: "
+        f"{plan.ttfb} streams of {plan.ttfb_tokens} tokens, {plan.token_delay * 1000:.0f} ms "
+        f"before each; lines/s: {plan.repeats} unpaced streams of {plan.tokens} tokens",
+        "held: N one-token streams sent at once, one user each; ideal = ceil(N/4) x one "
+        "stream's direct duration; RSS is the proxy's VmHWM (peak since start, so the "
+        "rows run in increasing N)",
     ]
-    if results["skipped"]:
-        lines.append(f"not run, time budget spent: {', '.join(results['skipped'])}")
-    for server in {id(s): s for s in procs.values()}.values():
+    if "nginx" not in sides:
+        lines.append("nginx is not installed: its column is empty")
+    for server in (s for side in sides.values() for s in side.values()):
         problems = server.problems()
         if problems:
             lines.append(f"{server.name} logged {len(problems)} warnings/errors, first: ")
@@ -184,35 +173,36 @@ def notes(
     return lines
 
 
-def print_profile(path: str, count: int = 15) -> None:
-    """The proxy's heaviest functions, by cumulative and by own time."""
+def print_profile(path: str, count: int = 25) -> None:
+    """The proxy's heaviest functions, by own time and by cumulative time."""
     if not Path(path).exists():
         print(f"\nno profile was written to {path}")
         return
-    for order in ("cumulative", "tottime"):
+    for order in ("tottime", "cumulative"):
         print(f"\n## proxy profile, top {count} by {order}\n")
         pstats.Stats(path, stream=sys.stdout).sort_stats(order).print_stats(count)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print the table and the raw numbers."""
+    """Run the benchmark; print the tables, the notes and the raw numbers; draw the plot."""
     args = parse_args(argv)
-    plan = make_plan(args)
-    only = set(args.only.split(","))
-    raise_fd_limit(2 * plan.clients + 1024)
+    plan = QUICK if args.quick else Plan()
+    raise_fd_limit(2 * max(plan.held) + 1024)
     with ExitStack() as stack:
-        procs = start_servers(args, plan, only, stack)
-        results = run(plan, only, procs)
-    results["plan"] = asdict(plan) | {"only": sorted(only)}
-    print(table(results))
+        sides = start_servers(plan, args.profile or "", stack)
+        results = run(plan, sides)
+        lines = notes(plan, sides, results)
+        all_servers = [s for side in sides.values() for s in side.values()]
+    results["plan"] = asdict(plan)
+    print(tables(results))
     print()
-    print("\n".join(f"- {line}" for line in notes(plan, args, procs, results)))
-    servers.remove_logs(procs.values())
-    print()
-    print(json.dumps(results, indent=2))
+    print("\n".join(f"- {line}" for line in lines))
+    servers.remove_logs(all_servers)
+    plotted = scale.plot(results, Path(args.plot))
+    print(f"\nplot: {plotted}" if plotted else "\nno plot: matplotlib is not installed")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    if args.profile and not args.proxy_url:
+    if args.profile:
         print_profile(args.profile)
     return 0
 

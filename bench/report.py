@@ -1,39 +1,24 @@
-"""The markdown table of proxy_bench: direct and proxy side by side, with the targets."""
+"""The markdown tables of proxy_bench: issue 11's table side by side, then the scale curve."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+SIDES = ("direct", "nginx", "proxy")
 Check = Callable[[float, float], bool]  # (proxy, direct) -> met
 
-TARGETS: dict[str, tuple[str, Check]] = {
-    "added": ("added ≤ 1 ms", lambda proxy, direct: proxy - direct <= 1.0),
-    "rps": ("≥ 2,000 req/s", lambda proxy, direct: proxy >= 2000),
-    "chunks": ("≥ 25,000/s", lambda proxy, direct: proxy >= 25_000),
-    "zero": ("0", lambda proxy, direct: proxy == 0),
-    "rss": ("< 250 MB", lambda proxy, direct: proxy < 250),
-}
-
-# (label, measurement, field, show proxy - direct, target)
-ROWS: list[tuple[str, str, str, bool, str | None]] = [
-    ("(a) c=1 req/s", "c1", "rps", False, None),
-    ("(a) c=1 p50 latency, ms", "c1", "p50_ms", True, "added"),
-    ("(a) c=1 p99 latency, ms", "c1", "p99_ms", True, None),
-    ("(a) c=1 errors", "c1", "errors", False, "zero"),
-    ("(a) c=32 req/s", "c32", "rps", False, "rps"),
-    ("(a) c=32 p50 latency, ms", "c32", "p50_ms", True, None),
-    ("(a) c=32 p99 latency, ms", "c32", "p99_ms", True, None),
-    ("(a) c=32 errors", "c32", "errors", False, "zero"),
-    ("(b) streamed TTFB median, ms", "ttfb", "median_ms", True, "added"),
-    ("(b) streamed TTFB p99, ms", "ttfb", "p99_ms", True, None),
-    ("(c) relayed chunks/s, best", "chunks", "best", False, "chunks"),
-    ("(c) relayed chunks/s, median", "chunks", "median", False, None),
-    ("(d) {n} streams: completed", "clients", "ok", False, None),
-    ("(d) {n} streams: errors", "clients", "errors", False, "zero"),
-    ("(d) {n} streams: wall time, s", "clients", "seconds", False, None),
-    ("(d) {n} streams: server peak RSS, MB", "clients", "rss_peak_mb", False, "rss"),
-]
+# (label, measurement, field, show the difference to direct, target text, check)
+ROWS: list[tuple[str, str, str, bool, str, Check | None]] = [
+    ("req/s, c=32", "c32", "rps", False, "≥ 2,500", lambda p, d: p >= 2500),
+    ("CPU per request, ms (c=32)", "c32", "cpu_ms", False, "≤ 0.35", lambda p, d: p <= 0.35),
+    ("p50, c=1, ms", "c1", "p50_ms", True, "added ≤ 0.5", lambda p, d: p - d <= 0.5),
+    ("first byte, 20 tokens × 10 ms, ms", "ttfb", "median_ms", True, "added ≤ 1.0",
+     lambda p, d: p - d <= 1.0),
+    ("relayed lines/s, one 500-token stream", "relay", "best", False, "≥ 90,000, ≥ 0.6× direct",
+     lambda p, d: p >= 90_000 and p >= 0.6 * d),
+    ("errors", "c32", "errors", False, "0", None),
+]  # fmt: skip
 
 
 def number(value: float | None) -> str:
@@ -44,57 +29,84 @@ def number(value: float | None) -> str:
 
 
 def cell(results: dict[str, Any], side: str, measurement: str, field: str) -> float | None:
-    """One figure of the results, or None if that measurement did not run."""
+    """One figure of the results, or None if that side or measurement did not run."""
     return results.get(side, {}).get(measurement, {}).get(field)
 
 
-def row(results: dict[str, Any], spec: tuple[str, str, str, bool, str | None]) -> list[str]:
-    """One table row: label, direct, proxy, difference, target, whether it is met."""
-    label, measurement, field, show_delta, target = spec
-    direct = cell(results, "direct", measurement, field)
-    proxy = cell(results, "proxy", measurement, field)
-    clients = cell(results, "proxy", "clients", "requests") or 0
-    delta = "—"
-    if show_delta and direct is not None and proxy is not None:
-        delta = f"{proxy - direct:+.4g}"
-    text, met = "", ""
-    if target is not None:
-        text, check = TARGETS[target]
-        if proxy is not None:
-            judged = proxy
-            if target == "zero":  # requests the deadline cut off are not a clean run either
-                judged += cell(results, "proxy", measurement, "unfinished") or 0
-            met = "yes" if check(judged, direct or 0.0) else "**no**"
-    values = [number(direct), number(proxy)]
+def errors(results: dict[str, Any], side: str) -> int:
+    """Failed and unfinished requests of every measurement of one side."""
+    found = results.get(side, {}).values()
+    return sum((m.get("errors") or 0) + (m.get("unfinished") or 0) for m in found)
+
+
+def row(results: dict[str, Any], spec: tuple) -> list[str]:
+    """One table row: label, direct, nginx, proxy, target, whether the proxy meets it."""
+    label, measurement, field, show_delta, target, check = spec
     if field == "errors":
-        values = [number(direct) + unfinished(results, "direct", measurement)]
-        values.append(number(proxy) + unfinished(results, "proxy", measurement))
-    return [label.format(n=f"{clients:,}"), *values, delta, text, met]
+        cells = [str(errors(results, side)) if side in results else "—" for side in SIDES]
+        return [label, *cells, target, "yes" if cells[2] == "0" else "**no**"]
+    direct = cell(results, "direct", measurement, field)
+    cells = []
+    for side in SIDES:
+        value = cell(results, side, measurement, field)
+        text = number(value)
+        if show_delta and side != "direct" and value is not None and direct is not None:
+            text += f" ({value - direct:+.3g})"
+        cells.append(text)
+    proxy = cell(results, "proxy", measurement, field)
+    met = ""
+    if check is not None and proxy is not None:
+        met = "yes" if check(proxy, direct or 0.0) else "**no**"
+    return [label, *cells, target, met]
 
 
-def unfinished(results: dict[str, Any], side: str, measurement: str) -> str:
-    """A note of the requests the deadline cut off, if any."""
-    count = cell(results, side, measurement, "unfinished")
-    return f" (+{count:,} unfinished)" if count else ""
+def held_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per count of held streams: served, wall against ideal, peak RSS."""
+    rows = []
+    for held in results.get("held", []):
+        served = f"{held['ok']:,}/{held['clients']:,} served"
+        ratio, rss = held.get("wall_vs_ideal"), held.get("rss_peak_mb")
+        text = f"{served}, wall {number(ratio)}× ideal, {number(rss)} MB"
+        ok = held["ok"] == held["clients"] and ratio is not None and ratio <= 1.05
+        met = "yes" if ok and rss is not None and rss < 250 else "**no**"
+        rows.append([f"{held['clients']:,} streams held (4 slots)", "", "", text,
+                     "all, ≤ 1.05×, < 250 MB", met])  # fmt: skip
+    return rows
 
 
-def cpu_row(results: dict[str, Any]) -> list[str]:
-    """CPU use of each process during the c=32 run, as % of one core."""
-
-    def shares(side: str) -> str:
-        cpu = cell(results, side, "c32", "cpu_percent") or {}
-        return " / ".join(f"{name} {value:.0f}" for name, value in cpu.items()) or "—"
-
-    return ["(a) c=32 CPU % of a core", shares("direct"), shares("proxy"), "—", "", ""]
-
-
-def table(results: dict[str, Any]) -> str:
-    """The whole markdown table, rows of measurements that did not run left out."""
-    header = ["measurement", "direct", "proxy", "proxy − direct", "target (proxy)", "met"]
-    lines = [header, ["---"] * len(header)]
-    for spec in ROWS:
-        if any(spec[1] in results.get(side, {}) for side in ("direct", "proxy")):
-            lines.append(row(results, spec))
-        if spec[1] == "c32" and spec[2] == "errors" and "c32" in results.get("proxy", {}):
-            lines.append(cpu_row(results))
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def scale_tables(results: dict[str, Any]) -> list[str]:
+    """Grant cost by users and backends; CPU per request by concurrency; RSS by held clients."""
+    grant = results.get("grant", [])
+    backends = sorted({p["backends"] for p in grant})
+    out = []
+    for blocked in (False, True):
+        rows = [
+            [f"{users:,}"]
+            + [number(p["us"]) for b in backends for p in grant
+               if (p["users"], p["backends"], p["blocked"]) == (users, b, blocked)]
+            for users in sorted({p["users"] for p in grant})
+        ]  # fmt: skip
+        what = "first user's model has no free slot" if blocked else "any backend fits"
+        header = [f"grant µs ({what}): users"] + [f"{b} backends" for b in backends]
+        out.append(markdown(header, rows))
+    cpu = results.get("cpu", {})
+    levels = sorted({p["concurrency"] for points in cpu.values() for p in points})
+    rows = [[side] + [number(p["cpu_ms"]) for p in points] for side, points in cpu.items()]
+    out.append(markdown(["CPU ms per request: server"] + [f"c={c}" for c in levels], rows))
+    held = results.get("held", [])
+    rows = [["proxy"] + [number(h.get("rss_peak_mb")) for h in held]]
+    out.append(markdown(["peak RSS, MB: held clients"] + [f"{h['clients']:,}" for h in held], rows))
+    return out
+
+
+def tables(results: dict[str, Any]) -> str:
+    """Issue 11's table, then the scale curve's tables."""
+    header = ["", "direct", "nginx", "ollamamq", "target", "met"]
+    main = markdown(header, [row(results, spec) for spec in ROWS] + held_rows(results))
+    return "\n\n".join([main, *scale_tables(results)])

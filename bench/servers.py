@@ -58,15 +58,21 @@ def log_file(name: str) -> Path:
     return Path(handle.name)
 
 
-def start_fake(tokens: int = 8, token_delay: float = 0.0, stream_usage: bool = True) -> Server:
-    """Start `python -m tests.fake_ollama` and read the URL it prints."""
-    log_path = log_file("fake")
+def start_fake(
+    tokens: int = 8, token_delay: float = 0.0, name: str = "fake", stream_usage: bool = True
+) -> Server:
+    """Start `python -m tests.fake_ollama` and read the URL it prints.
+
+    `token_delay` comes before every token, the first one included.
+    """
+    log_path = log_file(name)
     args = ["--port", "0", "--tokens", str(tokens), "--token-delay", str(token_delay)]
     args += [] if stream_usage else ["--no-stream-usage"]
-    command = [sys.executable, "-m", "tests.fake_ollama", *args, "--first-token-delay", "0"]
+    command = [sys.executable, "-m", "tests.fake_ollama", *args]
+    command += ["--first-token-delay", str(token_delay)]
     with log_path.open("wb") as err:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
-    server = Server("fake", "", proc, log_path, proc.pid)
+    server = Server(name, "", proc, log_path, proc.pid)
     try:
         with gevent.Timeout(START_TIMEOUT, RuntimeError("the fake did not print its URL")):
             line = proc.stdout.readline().decode().strip()
@@ -79,10 +85,12 @@ def start_fake(tokens: int = 8, token_delay: float = 0.0, stream_usage: bool = T
     return server
 
 
-def start_proxy(backend: str, parallel: int, extra: list[str], profile: str = "") -> Server:
+def start_proxy(
+    backend: str, parallel: int, extra: list[str], profile: str = "", name: str = "proxy"
+) -> Server:
     """Start `python -m ollamamq` on a free port, optionally under cProfile; wait until up."""
     port = free_port()
-    log_path = log_file("proxy")
+    log_path = log_file(name)
     runner = ["-m", "cProfile", "-o", str(Path(profile).resolve())] if profile else []
     command = [sys.executable, *runner, "-m", "ollamamq", "-p", str(port), "-H", "127.0.0.1"]
     command += ["-o", backend, "--no-tui", "--log-file", "", "--log-level", "WARNING"]
@@ -94,7 +102,57 @@ def start_proxy(backend: str, parallel: int, extra: list[str], profile: str = ""
         proc = subprocess.Popen(
             command, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=err
         )
-    server = Server("proxy", f"http://127.0.0.1:{port}", proc, log_path, proc.pid, workdir)
+    server = Server(name, f"http://127.0.0.1:{port}", proc, log_path, proc.pid, workdir)
+    try:
+        wait_until_up(server)
+    except BaseException:
+        stop(server)
+        raise
+    return server
+
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream backend {{ server {backend}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(backend: str, name: str = "nginx") -> Server | None:
+    """A single-process pass-through nginx in front of `backend`, or None if not installed."""
+    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if binary is None:
+        return None
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=workdir, port=port, backend=urlsplit(backend).netloc))
+    log_path = log_file(name)
+    command = [binary, "-p", str(workdir), "-c", str(conf), "-e", "stderr"]
+    with log_path.open("wb") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+    server = Server(name, f"http://127.0.0.1:{port}", proc, log_path, proc.pid, workdir)
     try:
         wait_until_up(server)
     except BaseException:

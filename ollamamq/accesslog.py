@@ -45,6 +45,14 @@ class Finished:
 
 
 FIELDS = tuple(f.name for f in fields(Finished))
+UNQUEUED = {  # what a call that took no backend slot records
+    "model": None,
+    "backend": None,
+    "wait_ms": None,
+    "first_token_ms": None,
+    "tokens_in": 0,
+    "tokens_out": 0,
+}
 
 
 def text_line(record: Finished) -> str:
@@ -58,20 +66,20 @@ def _ms(start: float, end: float | None) -> float | None:
 
 def build(seen: dict[str, Any], ticket: Any, arrived: float) -> Finished:
     """The record, from what the response showed and what its Ticket (if queued) counted."""
-    fields: dict[str, Any] = {"model": None, "backend": None, "wait_ms": None}
-    fields |= {"first_token_ms": None, "tokens_in": 0, "tokens_out": 0}
-    if ticket is not None:
-        started = ticket.enqueued_at
-        fields |= {
-            "user": ticket.user,
-            "model": ticket.model,
-            "backend": ticket.backend.name if ticket.backend else None,
-            "wait_ms": _ms(started, ticket.started_at),
-            "first_token_ms": _ms(started, ticket.first_byte_at),
-            "tokens_in": ticket.tokens_in,
-            "tokens_out": ticket.tokens_out,
-        }
-    return Finished(**(seen | fields), duration_ms=(time.monotonic() - arrived) * 1000)
+    duration_ms = (time.monotonic() - arrived) * 1000
+    if ticket is None:
+        return Finished(**seen, duration_ms=duration_ms, **UNQUEUED)
+    started = ticket.enqueued_at
+    return Finished(
+        **(seen | {"user": ticket.user}),
+        model=ticket.model,
+        backend=ticket.backend.name if ticket.backend else None,
+        wait_ms=_ms(started, ticket.started_at),
+        first_token_ms=_ms(started, ticket.first_byte_at),
+        duration_ms=duration_ms,
+        tokens_in=ticket.tokens_in,
+        tokens_out=ticket.tokens_out,
+    )
 
 
 def _seen(response: Response) -> dict[str, Any]:

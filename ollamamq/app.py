@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import flask_migrate
-from flask import Flask
+from flask import Flask, Request
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -42,6 +43,7 @@ MIGRATIONS = str(ROOT / "migrations")
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     """A configured app; background services start with start_services()."""
     app = Flask(__name__, template_folder=ROOT / "templates", static_folder=ROOT / "static")
+    app.session_interface = CookieSessionOnDemand()
     app.config.from_object(Config)
     app.config.update(overrides or {})
     if app.config["TRUSTED_PROXIES"]:
@@ -68,6 +70,19 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     accesslog.init_app(app, on_finish=[prometheus.init_app(app).observe, budgets.spend])
     init_identity(app)  # after the access log's hook: a refused request is logged too
     return app
+
+
+class CookieSessionOnDemand(SecureCookieSessionInterface):
+    """Flask's cookie session, but no signer is built for requests without the cookie.
+
+    Flask opens a session for every request; building the signer costs ~20 µs, on every
+    proxied call, which never carries the admin's cookie. Same sessions otherwise.
+    """
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if app.secret_key and not request.cookies.get(self.get_cookie_name(app)):
+            return self.session_class()
+        return super().open_session(app, request)
 
 
 def _dispatcher(app: Flask) -> Dispatcher:

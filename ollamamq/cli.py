@@ -247,7 +247,11 @@ class Handler(WSGIHandler):
 def serve(app: Flask) -> None:
     """Serve until SIGINT or SIGTERM."""
     host, port = app.config["HOST"], app.config["PORT"]
-    access = LoggingLogAdapter(logging.getLogger("ollamamq.wsgi"), logging.DEBUG)
+    wsgi_log = logging.getLogger("ollamamq.wsgi")
+    # None unless shown: pywsgi formats every request's line before the logger drops it.
+    access = (
+        LoggingLogAdapter(wsgi_log, logging.DEBUG) if wsgi_log.isEnabledFor(logging.DEBUG) else None
+    )
     server = WSGIServer(
         (host, port),
         app,

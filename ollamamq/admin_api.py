@@ -18,7 +18,6 @@ from .auth import (
     private,
     refusal,
 )
-from .dispatcher import QueueFull, UserBlocked
 from .errors import json_error
 from .extensions import limiter
 from .pulls import JobView, PullService
@@ -220,9 +219,5 @@ def model_residency(name: str, model: str, action: str) -> Response:
         answer = change(dispatcher(), name, model, action == "load", timeout)
     except ResidencyError as exc:
         return json_error(exc.status, str(exc))
-    except QueueFull as exc:
-        return json_error(exc.status, str(exc), exc.retry_after)
-    except UserBlocked as exc:
-        return json_error(403, str(exc))
     reason = answer.get("done_reason", action)
     return done(f"{model} on {name}: {action} done", backend=name, model=model, reason=reason)

@@ -33,6 +33,7 @@ from .extensions import db, limiter, migrate
 from .fairshare import FairQueue
 from .identity import init_identity
 from .jobs import init_scheduler
+from .payloads import SafeJSONProvider
 from .pulls import PullService
 from .users import UserSettings
 
@@ -44,6 +45,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     """A configured app; background services start with start_services()."""
     app = Flask(__name__, template_folder=ROOT / "templates", static_folder=ROOT / "static")
     app.session_interface = CookieSessionOnDemand()
+    app.json = SafeJSONProvider(app)
     app.config.from_object(Config)
     app.config.update(overrides or {})
     if app.config["TRUSTED_PROXIES"]:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import gevent
 from gevent.event import Event
+from werkzeug.exceptions import Forbidden, HTTPException
 
 from .backends import Backend, BackendPool
 from .fairshare import FairQueue, Waiting
@@ -22,16 +23,16 @@ log = logging.getLogger(__name__)
 WAITING, ACTIVE, DONE, CANCELLED = "waiting", "active", "done", "cancelled"
 
 
-class QueueFull(Exception):
-    """No room for another waiting request; `status` is 429 (this user) or 503 (everyone)."""
+class QueueFull(HTTPException):
+    """No room for another waiting request: 429 (this user's queue) or 503 (everyone's)."""
 
     def __init__(self, message: str, status: int, retry_after: int) -> None:
         super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
+        self.code = status
+        self.retry_after = retry_after  # errors.py sends it as Retry-After
 
 
-class UserBlocked(Exception):
+class UserBlocked(Forbidden):
     """The user is blocked by an operator."""
 
 

@@ -13,6 +13,7 @@ from .auth import bearer, is_failed_attempt, login_limit, require_admin
 from .errors import json_error
 from .extensions import client_address, limiter
 from .identity import current
+from .payloads import json_object, loads
 from .pulls import JobView
 from .relay import serve_direct
 from .services import pulls
@@ -64,7 +65,7 @@ def quota_retry_after() -> int | None:
 def requested_model() -> tuple[str | None, dict]:
     """The model named by a JSON body (`model`, or the deprecated `name`)."""
     try:
-        body = json.loads(request.get_data() or b"{}")
+        body = loads(request.get_data() or b"{}")
     except ValueError:
         body = None
     if not isinstance(body, dict):
@@ -160,6 +161,7 @@ def process_now() -> Response:
 @bp.delete("/api/delete")
 def delete() -> Response:
     """Deleting a model that is only queued removes it from the queue; else Ollama deletes."""
+    json_object(request.get_data())  # malformed JSON is our 400, not the backend's
     model, _ = requested_model()
     service = pulls()
     if model and service.remove_model(model) and not service.is_installed(model):

@@ -9,20 +9,15 @@ from .catalog import queued_entry, union
 from .extensions import db
 from .identity import user_of
 from .paths import check_digest
-from .payloads import model_named
+from .payloads import json_object, model_named_in
 from .relay import serve_direct, serve_queued
 from .services import dispatcher, pulls, scheduler
 
 bp = Blueprint("proxy", __name__)
 
 QUEUED = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings")
-DIRECT = (  # model management and uploads: streamed both ways, no slot needed
-    ("/", ("GET", "HEAD")),
-    ("/api/version", ("GET",)),
-    ("/api/create", ("POST",)),
-    ("/api/copy", ("POST",)),
-    ("/api/push", ("POST",)),
-)
+DIRECT = ("/", "/api/version")  # GET and HEAD, straight through
+MANAGEMENT = ("/api/create", "/api/copy", "/api/push")  # JSON in, streamed out, no slot
 
 
 def _queued(path: str):
@@ -33,10 +28,21 @@ def _direct(path: str):
     return lambda: serve_direct(path)
 
 
+def _managed(path: str):
+    def view() -> Response:
+        body = request.get_data()
+        json_object(body)  # malformed JSON is our 400, not the backend's
+        return serve_direct(path, body)
+
+    return view
+
+
 for _path in QUEUED:
     bp.add_url_rule(_path, f"queued{_path}", _queued(_path), methods=["POST"])
-for _path, _methods in DIRECT:
-    bp.add_url_rule(_path, f"direct{_path}", _direct(_path), methods=list(_methods))
+for _path in DIRECT:
+    bp.add_url_rule(_path, f"direct{_path}", _direct(_path), methods=["GET", "HEAD"])
+for _path in MANAGEMENT:
+    bp.add_url_rule(_path, f"direct{_path}", _managed(_path), methods=["POST"])
 
 
 @bp.route("/api/blobs/<digest>", methods=["HEAD", "POST"])
@@ -49,7 +55,7 @@ def blobs(digest: str) -> Response:
 def show() -> Response:
     """A model's details, from a backend that has it."""
     body = request.get_data()
-    return serve_direct("/api/show", body, model_named(body))
+    return serve_direct("/api/show", body, model_named_in(json_object(body)))
 
 
 @bp.get("/api/tags")

@@ -8,17 +8,23 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 
-from flask import Response, current_app, request
+from flask import Response, after_this_request, current_app, request
 from gevent import get_hub
 from urllib3 import HTTPResponse
 from urllib3.exceptions import ReadTimeoutError
+from werkzeug.exceptions import BadGateway, GatewayTimeout, Gone, ServiceUnavailable
 
 from .backends import Backend
-from .dispatcher import Dispatcher, QueueFull, Ticket, UserBlocked
-from .errors import json_error
+from .dispatcher import Dispatcher, Ticket
 from .fairshare import normalize_model
 from .identity import user_of
-from .payloads import ask_for_usage, estimate_input_tokens, output_limit, parse_request
+from .payloads import (
+    ModelNotFound,
+    ask_for_usage,
+    estimate_input_tokens,
+    output_limit,
+    parse_request,
+)
 from .services import dispatcher
 from .upstream import (
     READ_SIZE,
@@ -39,7 +45,6 @@ log = logging.getLogger(__name__)
 
 SOCKET_KEYS = ("ollamamq.socket", "gunicorn.socket")  # where servers put the client socket
 RETRIES = 30  # busy or dead backends a request may meet before the client hears of it
-RelayedOrError = HTTPResponse | Response
 CONTENT_MARKERS = {  # NDJSON comes from Ollama (Go, compact); Python SSE servers put a space
     False: (b'"done":false', None),
     True: (b'"finish_reason":null', b'"finish_reason": null'),
@@ -86,39 +91,49 @@ class ClientWatch:
             self._watcher = None
 
 
+class Cancelled(Gone):
+    description = "the request was cancelled while it was queued"
+
+
+class NoBackendTook(ServiceUnavailable):
+    description = "no backend could take the request"
+
+
+class BackendUnreachable(BadGateway):
+    pass
+
+
+class BackendTimeout(GatewayTimeout):
+    pass
+
+
 def serve_queued(path: str) -> Response:
     """Queue the request fairly, wait for a slot, then stream the backend's answer."""
     body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH raises 413 here
-    payload, error = parse_request(body)
-    if error is not None:
-        return error
+    payload = parse_request(body)
     model = normalize_model(payload["model"])
     queue = dispatcher()
     if not queue.pool.has_model(model):
-        return json_error(404, f"model '{payload['model']}' not found, try pulling it first")
+        raise ModelNotFound(payload["model"])
     body, strip_usage = ask_for_usage(path, payload, body)
-    try:
-        ticket = queue.submit(
-            user_of(), model, path, estimate_input_tokens(payload), output_limit(path, payload)
-        )
-    except QueueFull as exc:
-        return json_error(exc.status, str(exc), exc.retry_after)
-    except UserBlocked as exc:
-        return json_error(403, str(exc))
+    limit = output_limit(path, payload)
+    ticket = queue.submit(user_of(), model, path, estimate_input_tokens(payload), limit)
     request.environ["ollamamq.ticket"] = ticket  # for the access line and metrics at close
     watch = ClientWatch(request.environ, lambda: queue.abandon(ticket))
+    after_this_request(lambda response: _closing(response, watch.stop))  # error or stream
     upstream = _dispatch(ticket, queue, path, body)
-    if isinstance(upstream, Response):
-        watch.stop()
-        return upstream
     response = _response(upstream, ticket, f"{path} via {ticket.backend.name}", strip_usage)
     response.headers["X-Queue-Wait-Ms"] = f"{ticket.wait_ms:.1f}"
-    response.call_on_close(watch.stop)
     response.call_on_close(lambda: queue.release(ticket))
     return response
 
 
-def _dispatch(ticket: Ticket, queue: Dispatcher, path: str, body: bytes) -> RelayedOrError:
+def _closing(response: Response, callback: Callable[[], None]) -> Response:
+    response.call_on_close(callback)
+    return response
+
+
+def _dispatch(ticket: Ticket, queue: Dispatcher, path: str, body: bytes) -> HTTPResponse:
     """Wait for a slot and open the backend call.
 
     A busy backend (503), or one that refuses the connection while another is healthy,
@@ -126,23 +141,24 @@ def _dispatch(ticket: Ticket, queue: Dispatcher, path: str, body: bytes) -> Rela
     """
     for _ in range(RETRIES):
         if not ticket.wait():
-            return json_error(410, "the request was cancelled while it was queued")
+            raise Cancelled()
         backend = ticket.backend
-        upstream = _connect(backend, path, body)
-        if isinstance(upstream, HTTPResponse) and upstream.status != 503:
-            return upstream
-        if isinstance(upstream, HTTPResponse):
-            upstream.close()
-            log.info("backend %s is busy; a request of %s waits again", backend.name, ticket.user)
-            queue.requeue(ticket, current_app.config["BUSY_RETRY_S"])
-        elif backend.is_up or not any(b.is_up for b in queue.pool):
-            ticket.failed = True
-            queue.release(ticket)
-            return upstream
-        else:
+        try:
+            upstream = _connect(backend, path, body)
+        except (BackendUnreachable, BackendTimeout):
+            if backend.is_up or not any(b.is_up for b in queue.pool):
+                ticket.failed = True
+                queue.release(ticket)
+                raise
             queue.requeue(ticket, rest_s=0)  # it was just marked down; others are healthy
+            continue
+        if upstream.status != 503:
+            return upstream
+        upstream.close()
+        log.info("backend %s is busy; a request of %s waits again", backend.name, ticket.user)
+        queue.requeue(ticket, current_app.config["BUSY_RETRY_S"])
     queue.abandon(ticket)
-    return json_error(503, "no backend could take the request", retry_after=1)
+    raise NoBackendTook(retry_after=1)
 
 
 def serve_direct(path: str, body: bytes | None = None, model: str | None = None) -> Response:
@@ -154,8 +170,6 @@ def serve_direct(path: str, body: bytes | None = None, model: str | None = None)
     sent = body if body is not None else _streamed_body()
     backend = dispatcher().pool.backend_for(model)
     upstream = _connect(backend, path, sent)
-    if isinstance(upstream, Response):
-        return upstream
     return _response(upstream, None, f"{path} via {backend.name}")
 
 
@@ -169,18 +183,18 @@ def _streamed_body() -> SizedStream | Iterator[bytes] | None:
     return None
 
 
-def _connect(backend: Backend, path: str, body) -> RelayedOrError:
-    """Send the request; a failure before the first byte is a JSON 502 or 504."""
+def _connect(backend: Backend, path: str, body) -> HTTPResponse:
+    """Send the request; a failure before the first byte raises a 502 or 504."""
     target = path + ("?" + request.query_string.decode() if request.query_string else "")
     headers = request_headers(request.headers.items())
     try:
         return open_stream(backend, request.method, target, body, headers, timeouts())
     except ReadTimeoutError as exc:
-        return json_error(504, f"backend {backend.name} did not answer in time: {exc}")
+        raise BackendTimeout(f"backend {backend.name} did not answer in time: {exc}") from None
     except STREAM_ERRORS as exc:
         backend.mark_down(str(exc))
         dispatcher().wake()
-        return json_error(502, f"backend {backend.name} is unreachable: {exc}")
+        raise BackendUnreachable(f"backend {backend.name} is unreachable: {exc}") from None
 
 
 def _response(

@@ -330,7 +330,7 @@ class FakeOllama:
         body = environ["wsgi.input"].read()  # also decodes chunked uploads
         try:
             parsed = json.loads(body) if body else None
-        except ValueError:
+        except (ValueError, RecursionError):  # Go's decoder has no depth limit to hit
             parsed = None
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         req = Received(method, path, request_headers(environ), body, parsed, started)

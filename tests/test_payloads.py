@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import json
 
-from ollamamq.payloads import ask_for_usage, estimate_input_tokens, model_named, output_limit
+import pytest
+
+from ollamamq.payloads import (
+    BadPayload,
+    ask_for_usage,
+    estimate_input_tokens,
+    json_object,
+    model_named_in,
+    output_limit,
+    parse_request,
+)
 from ollamamq.upstream import (
     drop_usage_events,
     error_record,
@@ -41,8 +51,26 @@ def test_usage_is_asked_for_only_when_the_client_did_not():
 
 
 def test_model_is_read_from_model_or_name():
-    assert model_named(b'{"name": "llama3"}') == "llama3"
-    assert model_named(b"not json") is None
+    assert model_named_in(json_object(b'{"name": "llama3"}')) == "llama3"
+    assert model_named_in({"model": 3}) is None
+    with pytest.raises(BadPayload):
+        json_object(b"not json")
+
+
+def test_each_field_the_proxy_reads_must_have_its_type():
+    for body, message in (
+        (b'{"model": 3}', "model must be a string"),
+        (b'{"model": "m", "messages": "hi"}', "messages must be a list"),
+        (b'{"model": "m", "messages": [1]}', "each of messages must be an object"),
+        (b'{"model": "m", "options": []}', "options must be an object"),
+        (b'{"model": "m", "stream": "yes"}', "stream must be true or false"),
+        (b'{"model": "m", "max_tokens": true}', "max_tokens must be an integer"),
+        (b'{"model": "m", "stream_options": {"include_usage": 1}}', "include_usage"),
+    ):
+        with pytest.raises(BadPayload) as refused:
+            parse_request(body)
+        assert message in refused.value.description
+    assert parse_request(b'{"model": "m", "prompt": ["a", "b"], "stream_options": null}')
 
 
 def test_usage_event_is_dropped_even_across_chunk_boundaries():

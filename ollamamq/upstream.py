@@ -149,18 +149,34 @@ def error_record(message: str, is_sse: bool) -> bytes:
     return json.dumps({"error": message}).encode() + b"\n"
 
 
+# `,"usage":{...}` (or `"usage":{...},` first in its object), compact or spaced, flat or null.
+USAGE_MEMBER = re.compile(
+    rb',\s*"usage"\s*:\s*(?:\{[^{}]*\}|null)|"usage"\s*:\s*(?:\{[^{}]*\}|null)\s*,\s*'
+)
+
+
 def is_usage_event(event: bytes) -> bool:
     """The SSE event that carries only `usage` (asked for with stream_options)."""
     return b'"choices":[]' in event and b'"usage"' in event
 
 
+def without_usage(event: bytes) -> bytes:
+    """An SSE event with its `usage` member cut out, every other byte as it came.
+
+    Asked for usage, Ollama's /v1/completions also puts a zero usage on every chunk.
+    """
+    if b'"usage"' not in event:
+        return event
+    return USAGE_MEMBER.sub(b"", event, count=1)
+
+
 def drop_usage_events(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """The SSE stream without its usage event, for clients that did not ask for one."""
+    """The SSE stream as it would be had the proxy not asked for usage: no usage anywhere."""
     pending = b""
     for chunk in chunks:
         pending += chunk
         *events, pending = pending.split(b"\n\n")
-        kept = b"".join(e + b"\n\n" for e in events if not is_usage_event(e))
+        kept = b"".join(without_usage(e) + b"\n\n" for e in events if not is_usage_event(e))
         if kept:
             yield kept
     if pending:

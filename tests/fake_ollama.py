@@ -111,6 +111,9 @@ def rfc3339(delay: float = 0.0) -> str:
     return (datetime.now(UTC) + timedelta(seconds=delay)).isoformat().replace("+00:00", "Z")
 
 
+ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
 def compact(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -516,11 +519,14 @@ class FakeOllama:
         def whole(text: str) -> Body:
             return {**head, "choices": [choice(text, finish, False)], "usage": job.usage()}
 
+        # Asked for usage, Ollama's /v1/completions puts a zero usage on every chunk too.
+        zeros = {"usage": ZERO_USAGE} if usage and kind == "text_completion" else {}
+
         def each(token: str) -> bytes:
-            return sse({**chunk, "choices": [choice(token, None, True)]})
+            return sse({**chunk, "choices": [choice(token, None, True)], **zeros})
 
         def tail() -> Iterator[bytes]:
-            yield sse({**chunk, "choices": [choice("", finish, True)]})
+            yield sse({**chunk, "choices": [choice("", finish, True)], **zeros})
             if usage:
                 yield sse({**chunk, "choices": [], "usage": job.usage()})
             yield b"data: [DONE]\n\n"

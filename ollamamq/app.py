@@ -19,7 +19,7 @@ from .config import Config
 from .dispatcher import Dispatcher
 from .extensions import db, limiter, migrate
 from .fairshare import FairQueue
-from .jobs import init_scheduler
+from .jobs import SchedulerKeeper, init_scheduler
 from .pulls import PullService
 from .users import UserSettings
 
@@ -45,7 +45,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.extensions["ollamamq"] = dispatcher
     app.extensions["ollamamq.pulls"] = pulls
     app.extensions["ollamamq.users"] = UserSettings(dispatcher, app.config["USERS"])
-    app.extensions["ollamamq.scheduler"] = init_scheduler(app, pulls)
+    app.extensions["ollamamq.scheduler"] = scheduler = init_scheduler(app, pulls)
+    app.extensions["ollamamq.scheduler_keeper"] = SchedulerKeeper(scheduler)
     app.register_blueprint(downloads.bp)
     app.register_blueprint(proxy.bp)
     app.register_blueprint(openai_api.bp)
@@ -83,16 +84,15 @@ def start_services(app: Flask) -> None:
     dispatcher: Dispatcher = app.extensions["ollamamq"]
     dispatcher.start()
     dispatcher.pool.start(on_change=dispatcher.wake)
-    app.extensions["ollamamq.scheduler"].start()
+    app.extensions["ollamamq.scheduler_keeper"].start()
 
 
 def stop_services(app: Flask) -> None:
-    """Stop what start_services() started."""
-    scheduler = app.extensions["ollamamq.scheduler"]
-    if scheduler.running:
-        scheduler.shutdown(wait=False)
+    """Stop what start_services() started: schedule, downloads, checks, dispatcher, database."""
+    app.extensions["ollamamq.scheduler_keeper"].stop()
     dispatcher: Dispatcher = app.extensions["ollamamq"]
-    dispatcher.pool.stop()
-    dispatcher.stop()
     with app.app_context():
+        app.extensions["ollamamq.pulls"].stop()
+        dispatcher.pool.stop()
+        dispatcher.stop()
         db.engine.dispose()

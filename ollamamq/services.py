@@ -6,6 +6,7 @@ from flask import current_app
 from flask_apscheduler import APScheduler
 
 from .dispatcher import Dispatcher
+from .jobs import SchedulerKeeper
 from .pulls import PullService
 from .users import UserSettings
 
@@ -28,3 +29,15 @@ def user_settings() -> UserSettings:
 def scheduler() -> APScheduler:
     """The app's scheduler."""
     return current_app.extensions["ollamamq.scheduler"]
+
+
+def scheduler_keeper() -> SchedulerKeeper:
+    """The app's watch over its scheduler."""
+    return current_app.extensions["ollamamq.scheduler_keeper"]
+
+
+def problems() -> list[str]:
+    """What each owner says is wrong with its greenlets (a crash not yet recovered)."""
+    queue = dispatcher()
+    owners = (queue, queue.pool, pulls(), scheduler_keeper())
+    return [problem for owner in owners if (problem := owner.health_problem())]

@@ -32,7 +32,7 @@ from .dispatcher import Dispatcher
 from .extensions import db, limiter, migrate
 from .fairshare import FairQueue
 from .identity import init_identity
-from .jobs import init_scheduler
+from .jobs import SchedulerKeeper, init_scheduler
 from .payloads import SafeJSONProvider
 from .pulls import PullService
 from .users import UserSettings
@@ -63,7 +63,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.extensions["ollamamq.pulls"] = pulls
     budgets = init_budgets(app)
     app.extensions["ollamamq.users"] = UserSettings(dispatcher, budgets, app.config["USERS"])
-    app.extensions["ollamamq.scheduler"] = init_scheduler(app, pulls)
+    app.extensions["ollamamq.scheduler"] = scheduler = init_scheduler(app, pulls)
+    app.extensions["ollamamq.scheduler_keeper"] = SchedulerKeeper(scheduler)
     app.register_blueprint(downloads.bp)
     app.register_blueprint(proxy.bp)
     app.register_blueprint(openai_api.bp)
@@ -119,18 +120,17 @@ def start_services(app: Flask) -> None:
     dispatcher: Dispatcher = app.extensions["ollamamq"]
     dispatcher.start()
     dispatcher.pool.start(on_change=dispatcher.wake)
-    app.extensions["ollamamq.scheduler"].start()
+    app.extensions["ollamamq.scheduler_keeper"].start()
 
 
 def stop_services(app: Flask) -> None:
-    """Stop what start_services() started."""
-    scheduler = app.extensions["ollamamq.scheduler"]
-    if scheduler.running:
-        scheduler.shutdown(wait=False)
+    """Stop what start_services() started: schedule, keys, budgets, downloads, checks, ..."""
+    app.extensions["ollamamq.scheduler_keeper"].stop()
     app.extensions["ollamamq.keys"].stop()
     app.extensions["ollamamq.budgets"].stop()
     dispatcher: Dispatcher = app.extensions["ollamamq"]
-    dispatcher.pool.stop()
-    dispatcher.stop()
     with app.app_context():
+        app.extensions["ollamamq.pulls"].stop()
+        dispatcher.pool.stop()
+        dispatcher.stop()
         db.engine.dispose()

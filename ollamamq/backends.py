@@ -13,10 +13,12 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from .fairshare import BackendView, normalize_model
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 POOL_CONNECTIONS = 256  # keep-alive connections per backend: queued slots plus metadata calls
+HEALTH_LOOP = "health loop"
 
 
 def parse_backend(spec: str, default_slots: int) -> tuple[str, int]:
@@ -167,35 +169,42 @@ def _model_names(listing: dict) -> list[str]:
 
 
 class BackendPool:
-    """All backends and the greenlet that checks their health."""
+    """All backends and the greenlets that check their health and read their catalogs."""
 
     def __init__(self, specs: list[str], default_slots: int, interval: float) -> None:
         self.backends = [Backend(*parse_backend(s, default_slots)) for s in specs]
         self.interval = interval
-        self._loop: gevent.Greenlet | None = None
+        self.greenlets = Supervisor("backend pool")
         self._refreshing: gevent.Greenlet | None = None  # the catalog refresh misses share
 
     def __iter__(self):
         return iter(self.backends)
 
     def start(self, on_change: Callable[[], None]) -> None:
-        """Check every backend now and then every `interval` seconds, in one greenlet."""
-        self._loop = gevent.spawn(self._run, on_change)
-        self._loop.name = "ollamamq-health"
-        self._loop.link_exception(lambda g: log.error("health loop died: %s", g.exception))
+        """Check every backend now and then every `interval` seconds (restarted if it crashes)."""
+        self.greenlets.loop(HEALTH_LOOP, self._run, on_change)
 
     def stop(self) -> None:
         """Stop checking and close every connection."""
-        if self._loop is not None:
-            self._loop.kill(block=False)
+        self.greenlets.stop(grace=min(self.interval, 5.0))  # a check ends within its timeout
         for backend in self.backends:
             backend.session.close()
             backend.pool.close()
 
+    def health_problem(self) -> str | None:
+        """Why the health checks or catalog reads are not running as they should, or None."""
+        return self.greenlets.health_problem()
+
     def check_all(self) -> None:
         """Check every backend at once, concurrently."""
         timeout = min(self.interval, 5.0)
-        gevent.joinall([gevent.spawn(b.check, timeout) for b in self.backends])
+        gevent.joinall([self._spawn_check(b, timeout) for b in self.backends])
+
+    def _spawn_check(self, backend: Backend, timeout: float) -> gevent.Greenlet:
+        def broke(error: BaseException) -> None:
+            backend.mark_down(f"health check broke: {error!r}")
+
+        return self.greenlets.spawn(f"check {backend.name}", backend.check, timeout, on_crash=broke)
 
     def candidates(self) -> list[Backend]:
         """Healthy backends, or all of them when none is (a request may still get through)."""
@@ -214,16 +223,17 @@ class BackendPool:
 
     def _refresh_models(self) -> None:
         if self._refreshing is None:
-            timeout = min(self.interval, 5.0)
-            backends = [b for b in self.backends if b.is_up]
-            self._refreshing = gevent.spawn(
-                lambda: gevent.joinall([gevent.spawn(b.refresh_models, timeout) for b in backends])
-            )
-            self._refreshing.name = "ollamamq-catalog-refresh"
+            self._refreshing = self.greenlets.spawn("catalog refresh", self._refresh_up)
         refreshing = self._refreshing
         refreshing.join()
         if self._refreshing is refreshing:
             self._refreshing = None
+
+    def _refresh_up(self) -> None:
+        timeout = min(self.interval, 5.0)
+        backends = [b for b in self.backends if b.is_up]
+        spawn = self.greenlets.spawn
+        gevent.joinall([spawn(f"catalog {b.name}", b.refresh_models, timeout) for b in backends])
 
     def backend_for(self, model: str | None) -> Backend:
         """The backend for a call that needs no slot: a healthy one with `model`, if named."""
@@ -236,4 +246,5 @@ class BackendPool:
         while True:
             self.check_all()
             on_change()  # health or models changed: waiting requests may now fit
+            self.greenlets.recovered(HEALTH_LOOP)
             gevent.sleep(self.interval)

@@ -17,10 +17,12 @@ from .backends import Backend, BackendPool
 from .fairshare import FairQueue, Waiting
 from .metrics import Throughput, UserStats
 from .snapshot import Snapshot, TicketView, UserView
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 WAITING, ACTIVE, DONE, CANCELLED = "waiting", "active", "done", "cancelled"
+LOOP = "dispatcher loop"
 
 
 class QueueFull(HTTPException):
@@ -127,18 +129,19 @@ class Dispatcher:
         self.started_at = time.time()
         self._service_s = 1.0  # moving average of service time, for Retry-After
         self._wake = Event()
-        self._greenlet: gevent.Greenlet | None = None
+        self.greenlets = Supervisor("dispatcher")
 
     def start(self) -> None:
-        """Spawn the dispatcher greenlet."""
-        self._greenlet = gevent.spawn(self._run)
-        self._greenlet.name = "ollamamq-dispatcher"
-        self._greenlet.link_exception(lambda g: log.critical("dispatcher died: %s", g.exception))
+        """Spawn the dispatcher greenlet (restarted if it crashes)."""
+        self.greenlets.loop(LOOP, self._run)
 
     def stop(self) -> None:
         """Stop granting."""
-        if self._greenlet is not None:
-            self._greenlet.kill(block=False)
+        self.greenlets.stop()
+
+    def health_problem(self) -> str | None:
+        """Why the dispatcher is not healthy (its loop crashed and is not back), or None."""
+        return self.greenlets.health_problem()
 
     def wake(self) -> None:
         """Ask the dispatcher greenlet to look for grants (a slot or a backend changed)."""
@@ -209,7 +212,7 @@ class Dispatcher:
         assert backend is not None
         backend.active -= 1
         backend.rest_until = time.monotonic() + rest_s
-        gevent.spawn(self._end_rest, backend).name = "ollamamq-rest-over"
+        self.greenlets.spawn("rest over", self._end_rest, backend)
         del self._active[ticket]
         ticket.state, ticket.backend, ticket.started_at = WAITING, None, None
         ticket.granted = Event()
@@ -338,9 +341,10 @@ class Dispatcher:
 
     def _run(self) -> None:
         while True:
+            self._grant_all()  # first, so a restarted loop serves who waited while it was down
+            self.greenlets.recovered(LOOP)
             self._wake.wait()
             self._wake.clear()
-            self._grant_all()
 
     def _grant_all(self) -> None:
         for ticket in self._active:  # streams running long count before they end

@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.schedulers.gevent import GeventScheduler
 from apscheduler.triggers.cron import CronTrigger
 from flask import Flask
 from flask_apscheduler import APScheduler
+from gevent import Greenlet
 
 from .pulls import PullService
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 DOWNLOADS_JOB = "process-downloads"
 CLEANUP_JOB = "cleanup-history"
 CLEANUP_SCHEDULE = "30 4 * * *"
+MAIN_LOOP = "main loop"
 
 
 def init_scheduler(app: Flask, pulls: PullService) -> APScheduler:
@@ -70,3 +74,46 @@ def run_cleanup(app: Flask, pulls: PullService) -> None:
         gone = pulls.cleanup(app.config["CLEANUP_DAYS"])
     if gone:
         log.info("pruned %d finished downloads", gone)
+
+
+class SchedulerKeeper:
+    """Runs the scheduler and watches it: a crashed main loop is restarted, a failed job shown.
+
+    APScheduler logs a failed job's traceback itself; the keeper names it on /health until
+    that job next succeeds. Its listener runs in APScheduler's greenlets and never yields.
+    """
+
+    def __init__(self, scheduler: APScheduler) -> None:
+        self.scheduler = scheduler
+        self.greenlets = Supervisor("scheduler")
+        self._failed: dict[str, str] = {}
+        self.main_loop: Greenlet | None = None  # APScheduler's own, joined by ours
+        scheduler.add_listener(self._job_ended, EVENT_JOB_ERROR | EVENT_JOB_EXECUTED)
+
+    def start(self) -> None:
+        """Start the scheduler, supervised."""
+        self.greenlets.loop(MAIN_LOOP, self._run)
+
+    def stop(self) -> None:
+        """Stop the scheduler; running jobs are left to their owners."""
+        self.greenlets.stop()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+    def health_problem(self) -> str | None:
+        """Why scheduled work is not healthy, or None."""
+        failed = [f"scheduled job {job} failed: {error}" for job, error in self._failed.items()]
+        return "; ".join(p for p in (self.greenlets.health_problem(), *failed) if p) or None
+
+    def _run(self) -> None:
+        if self.scheduler.running:  # restarted: its main loop died under it
+            self.scheduler.shutdown(wait=False)
+        self.main_loop = self.scheduler.scheduler.start()  # GeventScheduler: its loop's greenlet
+        self.greenlets.recovered(MAIN_LOOP)
+        self.main_loop.get()  # a crash of the main loop is raised here, in the supervised greenlet
+
+    def _job_ended(self, event: JobExecutionEvent) -> None:
+        if event.exception is None:
+            self._failed.pop(event.job_id, None)
+        else:
+            self._failed[event.job_id] = repr(event.exception)

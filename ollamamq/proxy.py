@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import text
 
+from . import services
 from .catalog import queued_entry, union
 from .extensions import db
 from .identity import user_of
@@ -125,9 +126,11 @@ def health() -> Response:
         for b in queue.pool
     ]
     database = _database_state()
-    status = "ok" if any(b["up"] for b in backends) and database == "ok" else "degraded"
+    problems = services.problems()
+    is_ok = any(b["up"] for b in backends) and database == "ok" and not problems
     return jsonify(
-        status=status,
+        status="ok" if is_ok else "degraded",
+        problems=problems,
         backends=backends,
         queue_depth=queue.waiting_count,
         active=queue.active_count,

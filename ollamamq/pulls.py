@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 import gevent
 import requests
 from flask import Flask
+from gevent import GreenletExit
 from gevent.pool import Pool
 from gevent.queue import Queue
 from sqlalchemy import func, select, update
@@ -31,9 +32,11 @@ from .models import (
     PullJob,
     utcnow,
 )
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
+RUNNER = "runner"
 SAVE_EVERY_S = 1.0  # progress is written to the database at most this often per job
 HISTORY = 50  # finished jobs listed by default
 _END = object()  # closes a watcher's stream
@@ -94,7 +97,7 @@ class PullService:
         self.window_ends: datetime | None = None  # while a scheduled window is open
         self._wanted: set[int] | None = set()  # None: every pending job
         self._until: datetime | None = None
-        self._runner: gevent.Greenlet | None = None
+        self.greenlets = Supervisor("downloads")
         self._watchers: dict[int, list[Queue]] = {}
         self._abort: dict[int, Callable[[], None]] = {}
         self._live: dict[int, tuple[int, int]] = {}  # running jobs' bytes, fresher than the db
@@ -260,10 +263,8 @@ class PullService:
         elif self._wanted is not None:
             self._wanted |= set(ids)
         self._until = until
-        if self._runner is None or self._runner.dead:
-            self._runner = gevent.spawn(self._run)
-            self._runner.name = "ollamamq-downloads"
-            self._runner.link_exception(lambda g: log.error("downloads died: %s", g.exception))
+        if self.greenlets.running(RUNNER) is None:
+            self.greenlets.loop(RUNNER, self._run)
 
     def open_window(self, minutes: int) -> None:
         """A scheduled run: process every pending job, and start new pulls at once meanwhile."""
@@ -273,12 +274,20 @@ class PullService:
     @property
     def is_running(self) -> bool:
         """Whether downloads are being processed now."""
-        return self._runner is not None and not self._runner.dead
+        return self.greenlets.running(RUNNER) is not None
 
     def wait(self) -> None:
         """Block until the current processing run ends (for the command line and tests)."""
-        if self._runner is not None:
-            self._runner.join()
+        while (runner := self.greenlets.running(RUNNER)) is not None:
+            runner.join()  # a crashed runner's restart is linked before this returns
+
+    def health_problem(self) -> str | None:
+        """Why downloads are not being processed as they should, or None."""
+        return self.greenlets.health_problem()
+
+    def stop(self) -> None:
+        """Stop processing; a download cut here is pending again, resumed at the next start."""
+        self.greenlets.stop()
 
     def watch(self, job_id: int) -> Iterator[bytes]:
         """NDJSON progress of a job, as Ollama's pull stream, until it ends.
@@ -305,12 +314,13 @@ class PullService:
         with self.app.app_context():
             while True:
                 job_id = self._claim_next()
+                self.greenlets.recovered(RUNNER)
                 if job_id is None:
                     workers.join()
                     job_id = self._claim_next()  # asked for while the last ones ran
                     if job_id is None:
                         break
-                workers.spawn(self._download, job_id).name = f"ollamamq-pull-{job_id}"
+                workers.add(self.greenlets.spawn(f"pull {job_id}", self._download, job_id))
                 workers.wait_available()
         self._wanted, self._until = set(), None  # no yield since the last claim found nothing
 
@@ -341,6 +351,9 @@ class PullService:
                     if job.status == COMPLETED
                     else {"error": job.last_error or f"download {job.status}"}
                 )
+            except GreenletExit:  # stopped (a shutdown): the job waits for the next start
+                self._stopped(job_id)
+                raise
             except Exception as exc:  # a database or programming error must not strand the job
                 log.exception("download job %d broke", job_id)
                 db.session.rollback()
@@ -371,6 +384,18 @@ class PullService:
             db.session.commit()
             log.info("downloaded %s (job %d)", job.model, job.id)
         return job
+
+    def _stopped(self, job_id: int) -> None:
+        db.session.rollback()
+        db.session.execute(
+            update(PullJob)
+            .where(PullJob.id == job_id, PullJob.status == DOWNLOADING)
+            .values(status=PENDING, started_at=None)
+        )
+        db.session.commit()
+        self._live.pop(job_id, None)
+        self._publish(job_id, {"error": "the proxy is shutting down; the pull stays queued"})
+        self._publish(job_id, _END)
 
     def _mark(self, job_id: int, status: str, error: str) -> None:
         db.session.execute(
@@ -412,9 +437,9 @@ class PullService:
                     record = json.loads(line) if line.strip() else {}
                     if "error" in record:
                         raise PullFailed(f"{backend.name}: {record['error']}")
-                    self._progress(job, record, layers)
+                    self._progress(job.id, record, layers)
                     if time.monotonic() - saved >= SAVE_EVERY_S:
-                        db.session.commit()
+                        self._save_progress(job)
                         saved = time.monotonic()
                     if record.get("status") == "success":
                         return
@@ -423,17 +448,22 @@ class PullService:
             raise PullFailed(f"{backend.name}: {exc}") from exc
         finally:
             self._abort.pop(job.id, None)
-            db.session.commit()
+            self._save_progress(job)
         raise PullFailed(f"{backend.name}: the pull stream ended before success")
 
-    def _progress(self, job: PullJob, record: dict, layers: dict[str, tuple[int, int]]) -> None:
+    def _progress(self, job_id: int, record: dict, layers: dict[str, tuple[int, int]]) -> None:
         if "digest" in record and "total" in record:
             layers[record["digest"]] = (record.get("completed", 0), record["total"])
-            job.completed_bytes = sum(c for c, _ in layers.values())
-            job.total_bytes = sum(t for _, t in layers.values())
-            self._live[job.id] = (job.completed_bytes, job.total_bytes)
+            done, total = (sum(values) for values in zip(*layers.values(), strict=True))
+            self._live[job_id] = (done, total)
         if record.get("status") != "success":
-            self._publish(job.id, record)
+            self._publish(job_id, record)
+
+    def _save_progress(self, job: PullJob) -> None:
+        """Write the bytes and commit with no yield between: an open write locks SQLite."""
+        if job.id in self._live:
+            job.completed_bytes, job.total_bytes = self._live[job.id]
+        db.session.commit()
 
     def _publish(self, job_id: int, record: object) -> None:
         for inbox in self._watchers.get(job_id, ()):

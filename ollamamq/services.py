@@ -6,6 +6,7 @@ from flask import current_app
 from flask_apscheduler import APScheduler
 
 from .dispatcher import Dispatcher
+from .jobs import SchedulerKeeper
 from .keys import RING_KEY, KeyRing
 from .network import NetworkRules
 from .pulls import PullService
@@ -40,3 +41,15 @@ def keys() -> KeyRing:
 def networks() -> NetworkRules:
     """The app's allowed and blocked client networks."""
     return current_app.extensions["ollamamq.networks"]
+
+
+def scheduler_keeper() -> SchedulerKeeper:
+    """The app's watch over its scheduler."""
+    return current_app.extensions["ollamamq.scheduler_keeper"]
+
+
+def problems() -> list[str]:
+    """What each owner says is wrong with its greenlets (a crash not yet recovered)."""
+    queue = dispatcher()
+    owners = (queue, queue.pool, pulls(), scheduler_keeper())
+    return [problem for owner in owners if (problem := owner.health_problem())]

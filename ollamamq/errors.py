@@ -38,7 +38,7 @@ def _http_error(exc: HTTPException) -> Response:
     message = exc.description or exc.name
     if exc.code == 413:
         message = f"request body too large (limit {request.max_content_length} bytes)"
-    return json_error(exc.code or 500, message)
+    return json_error(exc.code or 500, message, getattr(exc, "retry_after", None))
 
 
 def _unexpected(exc: Exception) -> Response:

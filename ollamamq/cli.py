@@ -22,6 +22,7 @@ from . import audit
 from .app import MIGRATIONS, create_app, start_services, stop_services
 from .config import load_config_file, split_urls
 from .models import ROLES
+from .shutdown import Drain
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,13 @@ def build_parser(version: str) -> argparse.ArgumentParser:
         dest="HEALTH_INTERVAL",
         metavar="SECONDS",
         help="seconds between backend health checks (HEALTH_INTERVAL, 10)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        dest="DRAIN_TIMEOUT",
+        metavar="S",
+        help="seconds streams may run on after SIGTERM (DRAIN_TIMEOUT, 60)",
     )
     p.add_argument("--log-file", dest="LOG_FILE", help="log file, '' for none (LOG_FILE)")
     p.add_argument("--log-level", dest="LOG_LEVEL", help="DEBUG, INFO, WARNING (LOG_LEVEL)")
@@ -245,7 +253,7 @@ class Handler(WSGIHandler):
 
 
 def serve(app: Flask) -> None:
-    """Serve until SIGINT or SIGTERM."""
+    """Serve until SIGINT or SIGTERM, then drain (see shutdown.py)."""
     host, port = app.config["HOST"], app.config["PORT"]
     wsgi_log = logging.getLogger("ollamamq.wsgi")
     # None unless shown: pywsgi formats every request's line before the logger drops it.
@@ -264,8 +272,9 @@ def serve(app: Flask) -> None:
     start_services(app)
     log.info("listening on http://%s:%d", host, server.server_port)
     _warn_if_open(app, host)
+    drain = Drain(app, finish=lambda: server.stop(timeout=1))  # keep-alive idlers: 1 s
     for signum in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(signum, server.stop)
+        gevent.signal_handler(signum, drain.on_signal)
     server.serve_forever()
     stop_services(app)
     log.info("stopped")

@@ -63,6 +63,7 @@ class Config:
     FAIRNESS = os.environ.get("FAIRNESS", "tokens")  # "tokens" (VTC) or "requests" (round-robin)
     OUTPUT_WEIGHT = env_float("OUTPUT_WEIGHT", 2.0)  # an output token costs this many input ones
     BUSY_RETRY_S = env_float("BUSY_RETRY_S", 1.0)  # a backend answering 503 rests this long
+    DRAIN_TIMEOUT = env_float("DRAIN_TIMEOUT", 60.0)  # seconds streams may run on after SIGTERM
     USERS: dict[str, dict] = {}  # per-user weight / vip / blocked, from the config file
     TRUSTED_PROXIES = env_int("TRUSTED_PROXIES", 0)  # proxy hops allowed to set X-Forwarded-For
     API_KEYS = split_urls(os.environ.get("API_KEY", ""))  # shared keys (ollamaMQ's --api-key)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import gevent
 from gevent.event import Event
-from werkzeug.exceptions import Forbidden, HTTPException
+from werkzeug.exceptions import Forbidden, HTTPException, ServiceUnavailable
 
 from .backends import Backend, BackendPool
 from .fairshare import FairQueue, Waiting
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 WAITING, ACTIVE, DONE, CANCELLED = "waiting", "active", "done", "cancelled"
 LOOP = "dispatcher loop"
+DRAINED = "drained"  # answered 503 because the proxy is shutting down
+DRAIN_RETRY_AFTER = 5  # seconds: a restarted proxy, or another one, is usually there by then
 
 
 class QueueFull(HTTPException):
@@ -36,6 +38,14 @@ class QueueFull(HTTPException):
 
 class UserBlocked(Forbidden):
     """The user is blocked by an operator."""
+
+
+class Draining(ServiceUnavailable):
+    """The proxy is shutting down: the request is refused, to be retried elsewhere or later."""
+
+    def __init__(self) -> None:
+        message = "the proxy is shutting down; retry in a moment"
+        super().__init__(message, retry_after=DRAIN_RETRY_AFTER)
 
 
 class Ticket:
@@ -103,8 +113,10 @@ class Ticket:
         return (end - self.enqueued_at) * 1000
 
     def wait(self) -> bool:
-        """Block until granted a slot (True) or cancelled (False)."""
+        """Block until granted a slot (True) or cancelled (False); raises Draining."""
         self.granted.wait()
+        if self.state == DRAINED:
+            raise Draining()
         return self.state == ACTIVE
 
 
@@ -130,6 +142,8 @@ class Dispatcher:
         self._service_s = 1.0  # moving average of service time, for Retry-After
         self._wake = Event()
         self.greenlets = Supervisor("dispatcher")
+        self.is_draining = False
+        self._idle = Event()  # set while draining once no request holds a slot
 
     def start(self) -> None:
         """Spawn the dispatcher greenlet (restarted if it crashes)."""
@@ -142,6 +156,35 @@ class Dispatcher:
     def health_problem(self) -> str | None:
         """Why the dispatcher is not healthy (its loop crashed and is not back), or None."""
         return self.greenlets.health_problem()
+
+    def drain(self) -> int:
+        """Shutting down: refuse new requests and answer every waiting one; how many waited."""
+        self.is_draining = True
+        waiting = self._waiting()
+        for ticket in waiting:
+            self._refuse(ticket)
+        self._idle_if_drained()
+        return len(waiting)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """While draining, block until no request holds a slot (True) or `timeout` passes."""
+        return self._idle.wait(timeout)
+
+    def cut_active(self) -> int:
+        """End every active stream now; each ends with the relay's error record."""
+        cut = [t for t in self._active if t.on_abandon is not None]
+        for ticket in cut:
+            ticket.on_abandon()
+        return len(cut)
+
+    def _idle_if_drained(self) -> None:
+        if self.is_draining and not self._active:
+            self._idle.set()
+
+    def _refuse(self, ticket: Ticket) -> None:
+        if self.queue.remove(ticket.item):
+            ticket.state = DRAINED
+            ticket.granted.set()
 
     def wake(self) -> None:
         """Ask the dispatcher greenlet to look for grants (a slot or a backend changed)."""
@@ -158,8 +201,10 @@ class Dispatcher:
     ) -> Ticket:
         """Queue a request behind its user's others (on `backend` only, if named).
 
-        Raises QueueFull or UserBlocked.
+        Raises QueueFull, UserBlocked or Draining.
         """
+        if self.is_draining:
+            raise Draining()
         account = self.queue.account(user)
         if account.is_blocked:
             raise UserBlocked(f"user {user!r} is blocked")
@@ -217,6 +262,9 @@ class Dispatcher:
         ticket.state, ticket.backend, ticket.started_at = WAITING, None, None
         ticket.granted = Event()
         self.queue.requeue(ticket.item)
+        if self.is_draining:
+            self._refuse(ticket)
+            self._idle_if_drained()
         self._wake.set()
 
     def _end_rest(self, backend: Backend) -> None:
@@ -246,6 +294,7 @@ class Dispatcher:
         self.queue.complete(ticket.user, ticket.item.charged, ticket.tokens_in, ticket.tokens_out)
         if not ticket.failed and ticket.model:
             ticket.backend.loaded |= {ticket.model}  # Ollama keeps it loaded for a while
+        self._idle_if_drained()
         self._wake.set()
 
     def snapshot(self) -> Snapshot:

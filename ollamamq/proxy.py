@@ -113,6 +113,10 @@ def position() -> Response:
 def health() -> Response:
     """Reachability and latency of each backend, queue depth and active requests."""
     queue = dispatcher()
+    if queue.is_draining:  # at once, so a load balancer stops sending
+        draining = jsonify(status="draining", active=queue.active_count)
+        draining.status_code = 503
+        return draining
     backends = [
         {
             "name": b.name,

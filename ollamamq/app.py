@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from .dispatcher import Dispatcher
 from .extensions import db, limiter, migrate
 from .fairshare import FairQueue
 from .identity import init_identity
-from .jobs import SchedulerKeeper, init_scheduler
+from .jobs import SchedulerKeeper, catch_up, init_scheduler
 from .payloads import SafeJSONProvider
 from .pulls import PullService
 from .users import UserSettings
@@ -121,6 +122,7 @@ def start_services(app: Flask) -> None:
     dispatcher.start()
     dispatcher.pool.start(on_change=dispatcher.wake)
     app.extensions["ollamamq.scheduler_keeper"].start()
+    catch_up(app, app.extensions["ollamamq.pulls"], datetime.now(UTC))
 
 
 def stop_services(app: Flask) -> None:

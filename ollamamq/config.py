@@ -88,6 +88,7 @@ class Config:
     QUEUE_SCHEDULE = os.environ.get("QUEUE_SCHEDULE", "0 3 * * *")  # cron: when downloads run
     QUEUE_TIMEZONE = os.environ.get("QUEUE_TIMEZONE") or None  # None: the server's local zone
     QUEUE_WINDOW_MINUTES = env_int("QUEUE_WINDOW_MINUTES", 0)  # 0: no closing time
+    QUEUE_CATCH_UP_HOURS = env_float("QUEUE_CATCH_UP_HOURS", 6.0)  # open a missed window this late
     DOWNLOAD_CONCURRENCY = env_int("DOWNLOAD_CONCURRENCY", 1)  # pulls running at once
     PULL_ATTEMPTS = env_int("PULL_ATTEMPTS", 3)  # tries before a job is marked failed
     PULL_RETRY_DELAY = env_float("PULL_RETRY_DELAY", 30.0)  # seconds, doubled each retry

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.schedulers.gevent import GeventScheduler
@@ -11,7 +11,10 @@ from apscheduler.triggers.cron import CronTrigger
 from flask import Flask
 from flask_apscheduler import APScheduler
 from gevent import Greenlet
+from sqlalchemy import select
 
+from .extensions import db
+from .models import PENDING, PullJob, WindowOpening
 from .pulls import PullService
 from .supervisor import Supervisor
 
@@ -65,7 +68,50 @@ def run_download_window(app: Flask, pulls: PullService) -> None:
     """The off-peak window opens: process every pending download."""
     log.info("download window opens")
     with app.app_context():
-        pulls.open_window(app.config["QUEUE_WINDOW_MINUTES"])
+        open_window(pulls, app.config["QUEUE_WINDOW_MINUTES"], datetime.now(UTC))
+
+
+def open_window(pulls: PullService, minutes: int, now: datetime) -> None:
+    """Open the window and remember when, for the catch-up after a restart."""
+    row = db.session.get(WindowOpening, 1) or WindowOpening(id=1)
+    row.opened_at = now.astimezone(UTC).replace(tzinfo=None)
+    db.session.add(row)
+    db.session.commit()
+    pulls.open_window(minutes)
+
+
+def missed_opening(
+    trigger: CronTrigger, last_opened: datetime | None, now: datetime, hours: float
+) -> datetime | None:
+    """The latest scheduled opening in the `hours` before `now` that did not happen."""
+    latest, fire = None, trigger.get_next_fire_time(None, now - timedelta(hours=hours))
+    while fire is not None and fire <= now:
+        latest, fire = fire, trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
+    if latest is None or (last_opened is not None and last_opened >= latest):
+        return None
+    return latest
+
+
+def _waited_for(opening: datetime) -> bool:
+    """Whether a download was pending before `opening`: only then was it truly missed."""
+    before = opening.astimezone(UTC).replace(tzinfo=None)
+    query = select(PullJob.id).where(PullJob.status == PENDING, PullJob.created_at < before)
+    return db.session.scalar(query.limit(1)) is not None
+
+
+def catch_up(app: Flask, pulls: PullService, now: datetime) -> bool:
+    """At start: open a window the process slept through, if it was due less than
+    QUEUE_CATCH_UP_HOURS ago (a reboot for updates at 03:00 must not skip the night)."""
+    trigger = app.extensions["ollamamq.scheduler"].get_job(DOWNLOADS_JOB).trigger
+    with app.app_context():
+        row = db.session.get(WindowOpening, 1)
+        last = row.opened_at.replace(tzinfo=UTC) if row is not None else None
+        missed = missed_opening(trigger, last, now, app.config["QUEUE_CATCH_UP_HOURS"])
+        if missed is None or not _waited_for(missed):
+            return False
+        log.info("the download window due at %s was missed; opening it now", missed.isoformat())
+        open_window(pulls, app.config["QUEUE_WINDOW_MINUTES"], now)
+    return True
 
 
 def run_cleanup(app: Flask, pulls: PullService) -> None:

@@ -130,3 +130,12 @@ class BlockedNetwork(db.Model):
     network: Mapped[str] = mapped_column(String(50), primary_key=True)  # "10.0.0.7/32"
     note: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WindowOpening(db.Model):
+    """When the download window last opened, so a restart can tell a missed one."""
+
+    __tablename__ = "window_openings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)  # one row: 1
+    opened_at: Mapped[datetime]  # UTC

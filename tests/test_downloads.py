@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import flask_migrate
 import gevent
 import httpx
 import ollama
 import pytest
 import requests
+from apscheduler.triggers.cron import CronTrigger
 from gevent.event import Event
 
-from ollamamq.jobs import DOWNLOADS_JOB
+from ollamamq.app import MIGRATIONS
+from ollamamq.jobs import DOWNLOADS_JOB, catch_up, missed_opening
 
 
 def pull(url: str, model: str, stream: bool = False, **kwargs) -> requests.Response:
@@ -199,6 +202,8 @@ def test_the_running_scheduler_opens_the_window_when_its_time_comes(app, monkeyp
     """The real scheduler on the real clock: the job waits for the next 03:00, runs when due."""
     opened = Event()
     monkeypatch.setattr(app.extensions["ollamamq.pulls"], "open_window", lambda _: opened.set())
+    with app.app_context():
+        flask_migrate.upgrade(directory=MIGRATIONS)  # the window records when it opened
     scheduler = app.extensions["ollamamq.scheduler"]
     scheduler.start()
     try:
@@ -247,3 +252,42 @@ def wait_until_progress(service) -> None:
         while not any(j.completed_bytes for j in service.jobs() if j.status == "downloading"):
             changed.clear()
             changed.wait()
+
+
+DAY = datetime(2030, 6, 15, tzinfo=UTC)  # fixed instants: the catch-up reads only `now`
+
+
+def at(hour: int, minute: int = 0) -> datetime:
+    return DAY.replace(hour=hour, minute=minute)
+
+
+@pytest.mark.parametrize("config", [{"QUEUE_TIMEZONE": "UTC", "QUEUE_CATCH_UP_HOURS": 6}])
+def test_a_window_missed_by_a_restart_at_0320_is_opened_at_start(proxy, app, fake):
+    pull(proxy, "mistral")
+    service = app.extensions["ollamamq.pulls"]
+    assert catch_up(app, service, at(3, 20)) is True
+    with app.app_context():
+        service.wait()
+    assert pulls_seen(fake) == ["mistral:latest"]
+    assert catch_up(app, service, at(3, 25)) is False  # a second restart: one window
+
+
+@pytest.mark.parametrize("config", [{"QUEUE_TIMEZONE": "UTC", "QUEUE_CATCH_UP_HOURS": 6}])
+def test_a_start_long_after_the_window_waits_for_tomorrow(proxy, app, fake):
+    pull(proxy, "mistral")
+    assert catch_up(app, app.extensions["ollamamq.pulls"], at(15)) is False
+    assert pulls_seen(fake) == []
+
+
+@pytest.mark.parametrize("config", [{"QUEUE_TIMEZONE": "UTC"}])
+def test_no_catch_up_without_a_download_that_waited_for_the_window(proxy, app):
+    assert catch_up(app, app.extensions["ollamamq.pulls"], at(3, 20)) is False
+
+
+def test_the_missed_opening_is_the_latest_unattended_one():
+    trigger = CronTrigger.from_crontab("0 3 * * *", timezone=UTC)
+    assert missed_opening(trigger, None, at(3, 20), 6) == at(3)
+    assert missed_opening(trigger, at(3, 1), at(3, 20), 6) is None  # it did open
+    assert missed_opening(trigger, at(3) - timedelta(days=1), at(8, 59), 6) == at(3)
+    assert missed_opening(trigger, None, at(9, 1), 6) is None  # too late: tomorrow
+    assert missed_opening(trigger, None, at(2, 59), 6) is None  # yesterday's is 24 h old

@@ -94,6 +94,8 @@ def block(user: str, action: str) -> Response:
 def update_user(user: str) -> Response:
     """Set a user's `weight`, `vip` and `blocked` (any of them); kept across restarts."""
     changes = request.get_json(silent=True) or request.form.to_dict()
+    if not isinstance(changes, dict):
+        return json_error(400, "send a JSON object of settings")
     changes.pop("csrf_token", None)
     try:
         row = user_settings().update(user, **changes)

@@ -149,7 +149,7 @@ def process_now() -> Response:
         return json_error(400, "send a JSON body or an Authorization: Bearer header")
     _, body = requested_model()
     ids = body.get("ids") or ([body["id"]] if "id" in body else None)
-    if ids is not None and not all(isinstance(i, int) for i in ids):
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
         return json_error(400, "ids must be job numbers")
     service = pulls()
     pending = [j.id for j in service.pending() if ids is None or j.id in ids]

@@ -148,4 +148,7 @@ def ask_for_usage(path: str, payload: dict, body: bytes) -> tuple[bytes, bool]:
     if options.get("include_usage"):
         return body, False
     payload["stream_options"] = {**options, "include_usage": True}
-    return json.dumps(payload).encode(), True
+    try:
+        return json.dumps(payload).encode(), True
+    except RecursionError:  # parsed at the limit, one frame deeper to write back
+        raise BadPayload("JSON nested too deeply") from None

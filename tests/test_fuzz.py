@@ -132,3 +132,15 @@ def test_a_fuzz_of_malformed_requests_gets_no_5xx_and_the_next_good_one_is_serve
         assert good.status_code == 200 and good.json()["done"] is True
     print(f"fuzz: {sent} requests, statuses {dict(sorted(statuses.items()))}")
     assert sent >= 300
+
+
+@pytest.mark.parametrize("config", [{"ADMIN_PASSWORD": "pw"}])
+def test_admin_and_queue_bodies_of_the_wrong_shape_are_400s(proxy):
+    admin = {"Authorization": "Bearer pw"}
+    settings_url = f"{proxy}/admin/api/users/ana/settings"
+    refused = requests.post(settings_url, json=[1, 2], headers=admin, timeout=10)
+    assert refused.status_code == 400 and "object" in refused.json()["error"]
+    process = f"{proxy}/api/queue/process"
+    for ids in (7, "12", [1, "x"]):
+        answer = requests.post(process, json={"ids": ids}, headers=admin, timeout=10)
+        assert answer.status_code == 400

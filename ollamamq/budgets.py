@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 
 import gevent
 from flask import Flask, current_app
-from gevent.pool import Group
 from limits import RateLimitItemPerMinute
 from sqlalchemy import select
 from werkzeug.exceptions import TooManyRequests
@@ -23,6 +22,7 @@ from werkzeug.exceptions import TooManyRequests
 from .accesslog import Finished
 from .extensions import db, limiter
 from .models import TokenUsage
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Budgets:
         self.limits: dict[str, Limits] = {}  # users with limits of their own
         self.used: dict[tuple[str, str], float] = {}  # (user, period key) -> weighted tokens
         self._dirty: set[tuple[str, str]] = set()
-        self._group = Group()
+        self.greenlets = Supervisor("budgets")
         self.clock = time.time  # tests freeze it
 
     def limits_of(self, user: str) -> Limits:
@@ -160,22 +160,21 @@ class Budgets:
             db.session.remove()
 
     def start(self) -> None:
-        loop = self._group.spawn(self._run)
-        loop.name = "ollamamq-budgets"
-        loop.link_exception(self._crashed)
+        """Write the counts every WRITE_S in one supervised greenlet."""
+        self.greenlets.loop("writer", self._run)
 
     def stop(self) -> None:
-        self._group.kill()
+        self.greenlets.stop()
         self.write()
 
-    def _crashed(self, loop: gevent.Greenlet) -> None:
-        log.error("budget writer died; restarting", exc_info=loop.exc_info)
-        self.start()
+    def health_problem(self) -> str | None:
+        return self.greenlets.health_problem()
 
     def _run(self) -> None:
         while True:
             gevent.sleep(WRITE_S)
             self.write()
+            self.greenlets.recovered("writer")
 
 
 def init_budgets(app: Flask) -> Budgets:

@@ -11,11 +11,11 @@ from datetime import UTC, datetime, timedelta
 
 import gevent
 from flask import Flask
-from gevent.pool import Group
 from sqlalchemy import exists, select, update
 
 from .extensions import db
 from .models import ROLES, ApiKey, utcnow
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class KeyRing:
         self._live: dict[str, KeyEntry] = {}
         self._used: dict[int, float] = {}  # key id -> last use, not yet written
         self._written: dict[int, float] = {}  # key id -> when its last use was written
-        self._group = Group()
+        self.greenlets = Supervisor("keys")
 
     def find(self, key: str) -> KeyEntry | None:
         """The live, unexpired key, or None; notes the use for the next write."""
@@ -135,29 +135,24 @@ class KeyRing:
             self._used.pop(key_id, None)
 
     def start(self) -> None:
-        """Load the keys, then reload them every RELOAD_S in one owned greenlet."""
+        """Load the keys, then reload them every RELOAD_S in one supervised greenlet."""
         self.reload()
-        self._spawn()
+        self.greenlets.loop("reload", self._run)
 
     def stop(self) -> None:
         """Stop reloading; write what is left of the last-used times."""
-        self._group.kill()
+        self.greenlets.stop()
         self.flush_last_used(now=float("inf"))
 
-    def _spawn(self) -> None:
-        loop = self._group.spawn(self._run)
-        loop.name = "ollamamq-keys"
-        loop.link_exception(self._crashed)
-
-    def _crashed(self, loop: gevent.Greenlet) -> None:
-        log.error("key reload loop died; restarting", exc_info=loop.exc_info)
-        self._spawn()
+    def health_problem(self) -> str | None:
+        return self.greenlets.health_problem()
 
     def _run(self) -> None:
         while True:
             gevent.sleep(RELOAD_S)
             self.reload()
             self.flush_last_used()
+            self.greenlets.recovered("reload")
 
     # What operators do, from the CLI or the admin (inside an app context).
 

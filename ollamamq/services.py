@@ -51,5 +51,13 @@ def scheduler_keeper() -> SchedulerKeeper:
 def problems() -> list[str]:
     """What each owner says is wrong with its greenlets (a crash not yet recovered)."""
     queue = dispatcher()
-    owners = (queue, queue.pool, pulls(), scheduler_keeper())
+    extensions = current_app.extensions
+    owners = (
+        queue,
+        queue.pool,
+        pulls(),
+        scheduler_keeper(),
+        keys(),
+        extensions["ollamamq.budgets"],
+    )
     return [problem for owner in owners if (problem := owner.health_problem())]

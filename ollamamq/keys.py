@@ -163,6 +163,8 @@ class KeyRing:
         user = user.strip()
         if not user:
             raise ValueError("a key needs a user")
+        if ":" in user:  # KEYUSER:ID is a gateway's end user; no direct user may look like one
+            raise ValueError("a key's user may not contain ':'")
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         if expires_days is not None and not float(expires_days) > 0:

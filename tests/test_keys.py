@@ -138,6 +138,8 @@ def test_the_cli_creates_a_key_that_works_at_once(app, proxy):
 
 
 def test_a_gateways_end_users_are_scoped_under_it_and_cannot_be_a_direct_user(app, proxy):
+    with pytest.raises(ValueError):
+        create(app, "webui:ana")  # no direct user can take a gateway end user's name
     ana, gateway = create(app, "ana"), create(app, "webui", role="gateway")
     assert chat(proxy, gateway, user="ana").status_code == 200
     assert chat(proxy, gateway).status_code == 200  # no end user named: the gateway itself

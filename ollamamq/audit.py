@@ -7,7 +7,7 @@ import logging
 from flask import Response, has_request_context, request, session
 from sqlalchemy import select
 
-from .auth import bearer
+from .auth import credential
 from .extensions import client_address, db
 from .keys import KEY_PREFIX
 from .models import AuditEvent
@@ -23,7 +23,7 @@ def actor() -> str:
     """Who is acting: an admin key's owner, the password, the session, loopback or the CLI."""
     if not has_request_context():
         return "cli"
-    token = bearer() or request.headers.get("X-API-Key", "").strip()
+    token = credential() or ""
     if token.startswith(KEY_PREFIX):
         entry = keys().find(token)
         return f"key {entry.id} ({entry.user})" if entry else "invalid key"

@@ -75,12 +75,17 @@ def bearer() -> str | None:
     return auth[7:].strip() if auth[:7].lower() == "bearer " else None
 
 
+def credential() -> str | None:
+    """A key or password sent as `Authorization: Bearer ...` (the openai SDK) or `X-API-Key`."""
+    return bearer() or request.headers.get("X-API-Key", "").strip() or None
+
+
 def holds_admin_credential() -> bool:
-    """An admin API key (Bearer or X-API-Key), or the admin password as Bearer.
+    """An admin API key (Bearer or X-API-Key), or the admin password.
 
     Keys start with `omq_`; anything else is checked as the password, never as a key.
     """
-    token = bearer() or request.headers.get("X-API-Key", "").strip()
+    token = credential()
     if not token:
         return False
     if token.startswith(KEY_PREFIX):

@@ -24,7 +24,7 @@ from flask import Flask, current_app, request
 from limits import parse
 from werkzeug.exceptions import Forbidden, TooManyRequests, Unauthorized
 
-from .auth import holds_admin_credential
+from .auth import credential, holds_admin_credential
 from .budgets import COUNTED, budgets
 from .extensions import client_address, limiter
 from .keys import KEY_PREFIX, RING_KEY, KeyEntry, KeyRing
@@ -114,14 +114,6 @@ def seen_user() -> str:
     """The user if this request was identified (refused ones were not), else its address."""
     identity = request.environ.get(ENVIRON_KEY)
     return identity.user if identity is not None else client_address()
-
-
-def credential() -> str | None:
-    """The key sent as `Authorization: Bearer KEY` (the openai SDK) or `X-API-Key: KEY`."""
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer " and auth[7:].strip():
-        return auth[7:].strip()
-    return request.headers.get("X-API-Key", "").strip() or None
 
 
 def resolve() -> Identity:

@@ -86,13 +86,7 @@ def check_fields(payload: dict) -> dict:
 
 def parse_request(body: bytes) -> dict:
     """The JSON object of a queued request (raises BadPayload saying what is wrong)."""
-    try:
-        payload = loads(body)
-    except ValueError as exc:
-        raise BadPayload(f"invalid JSON body: {exc}") from None
-    if not isinstance(payload, dict):
-        raise BadPayload("the request body must be a JSON object")
-    check_fields(payload)
+    payload = json_object(body)
     model = payload.get("model")
     if not isinstance(model, str) or not model.strip():
         raise BadPayload("model is required")

@@ -29,17 +29,6 @@ log = logging.getLogger(__name__)
 BUDGETS_KEY = "ollamamq.budgets"
 WRITE_S = 5.0  # how often counted tokens reach the database
 LIMITS = ("requests_per_minute", "tokens_per_day", "tokens_per_month")
-COUNTED = frozenset(  # the inference calls a budget limits (listings and pulls are free)
-    (
-        "/api/generate",
-        "/api/chat",
-        "/api/embed",
-        "/api/embeddings",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-    )
-)
 
 
 @dataclass(frozen=True)

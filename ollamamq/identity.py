@@ -25,7 +25,6 @@ from limits import parse
 from werkzeug.exceptions import Forbidden, TooManyRequests, Unauthorized
 
 from .auth import credential, holds_admin_credential
-from .budgets import COUNTED, budgets
 from .extensions import client_address, limiter
 from .keys import KEY_PREFIX, RING_KEY, KeyEntry, KeyRing
 from .network import NetworkRules
@@ -169,7 +168,7 @@ def _refused(exc: Unauthorized) -> Exception:
 
 
 def _identify() -> None:
-    """Before every proxied request: address rules, the role, identity, blocks, budgets."""
+    """Before every proxied request: address rules, the role, identity, blocks."""
     if request.blueprint not in GUARDED or request.path in OPEN_PATHS:
         return
     current_app.extensions[NETWORKS_KEY].check(client_address())
@@ -181,8 +180,6 @@ def _identify() -> None:
     identity = current()
     if dispatcher().is_blocked(identity.user):
         raise Blocked(identity.user)
-    if request.method == "POST" and request.path in COUNTED:
-        budgets().check(identity.user)
 
 
 def _is_admin_only() -> bool:

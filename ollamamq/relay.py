@@ -15,6 +15,7 @@ from urllib3.exceptions import ReadTimeoutError
 from werkzeug.exceptions import BadGateway, GatewayTimeout, Gone, ServiceUnavailable
 
 from .backends import Backend
+from .budgets import budgets
 from .dispatcher import Dispatcher, Ticket
 from .fairshare import normalize_model
 from .identity import user_of
@@ -109,6 +110,7 @@ class BackendTimeout(GatewayTimeout):
 
 def serve_queued(path: str) -> Response:
     """Queue the request fairly, wait for a slot, then stream the backend's answer."""
+    budgets().check(user_of())  # every inference call comes through here; listings do not
     body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH raises 413 here
     payload = parse_request(body)
     model = normalize_model(payload["model"])

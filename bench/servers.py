@@ -102,13 +102,7 @@ def start_proxy(
         proc = subprocess.Popen(
             command, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=err
         )
-    server = Server(name, f"http://127.0.0.1:{port}", proc, log_path, proc.pid, workdir)
-    try:
-        wait_until_up(server)
-    except BaseException:
-        stop(server)
-        raise
-    return server
+    return _up(Server(name, f"http://127.0.0.1:{port}", proc, log_path, proc.pid, workdir))
 
 
 NGINX_CONF = """\
@@ -152,7 +146,11 @@ def start_nginx(backend: str, name: str = "nginx") -> Server | None:
     command = [binary, "-p", str(workdir), "-c", str(conf), "-e", "stderr"]
     with log_path.open("wb") as err:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
-    server = Server(name, f"http://127.0.0.1:{port}", proc, log_path, proc.pid, workdir)
+    return _up(Server(name, f"http://127.0.0.1:{port}", proc, log_path, proc.pid, workdir))
+
+
+def _up(server: Server) -> Server:
+    """The server once it answers; stopped if it never does."""
     try:
         wait_until_up(server)
     except BaseException:

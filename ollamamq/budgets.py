@@ -95,15 +95,19 @@ class Budgets:
 
     def check(self, user: str) -> None:
         """Raise OverBudget if `user` may not start another request now."""
-        now = self.clock()
         limits = self.limits_of(user)
+        if limits.tokens_per_day is not None or limits.tokens_per_month is not None:
+            self._check_tokens(user, limits)
+        if limits.requests_per_minute is not None:
+            self._count_request(user, limits.requests_per_minute)
+
+    def _check_tokens(self, user: str, limits: Limits) -> None:
+        now = self.clock()  # only with a token budget: the hot path reads no calendar
         for name, (key, ends) in periods(now).items():
             limit = getattr(limits, f"tokens_per_{name}")
             used = self.used.get((user, key), 0.0)
             if limit is not None and used >= limit:
                 raise OverBudget(f"tokens per {name}", limit, used, ends, now)
-        if limits.requests_per_minute is not None:
-            self._count_request(user, limits.requests_per_minute)
 
     def _count_request(self, user: str, per_minute: int) -> None:
         """Flask-Limiter's storage (memory or Redis) counts requests per minute, per user."""

@@ -244,8 +244,7 @@ class Dispatcher:
 
     def configure_user(self, user: str, weight: float, vip: bool, blocked: bool) -> None:
         """Set a user's share weight, absolute priority and blocked flag."""
-        account = self.queue.account(user)
-        account.weight, account.is_vip, account.is_blocked = weight, vip, blocked
+        self.queue.configure(user, weight, vip, blocked)
         self._stats(user)  # so the user is listed even before any request
         self._wake.set()  # a new VIP may now go first
 
@@ -399,13 +398,15 @@ class Dispatcher:
         for ticket in self._active:  # streams running long count before they end
             self.queue.progress(ticket.item, ticket.records)
         backends = self.pool.backends
+        now = time.monotonic()
+        views = [b.view(now) for b in backends]
         while len(self.queue):
-            now = time.monotonic()
-            choice = self.queue.grant([b.view(now) for b in backends])
+            choice = self.queue.grant(views)
             if choice is None:
                 return
             item, index = choice
             self._grant(item.payload, backends[index])
+            views[index] = backends[index].view(now)  # the one backend that changed
 
     def _grant(self, ticket: Ticket, backend: Backend) -> None:
         backend.active += 1

@@ -394,3 +394,71 @@ def test_a_long_stream_lets_the_other_user_go_before_it_ends():
     backlog(queue, "short", 1)  # lifted to long's counter: a tie that long would win
     queue.progress(item, 50)
     assert queue.grant([BackendView("b0", free=1, active=1)])[0].user == "short"
+
+
+# -- the order index ---------------------------------------------------------------------------
+
+
+def scanned_order(queue: FairQueue) -> list[str]:
+    """The serving order as a full scan makes it: every backlogged user sorted by the key."""
+
+    def key(user: str) -> tuple:
+        acct = queue.accounts[user]
+        standing = acct.counter if queue.fairness == "tokens" else acct.position
+        head = acct.queue[0]
+        return not acct.is_vip, standing, head.enqueued_at, head.seq
+
+    return sorted((u for u, a in queue.accounts.items() if a.queue), key=key)
+
+
+def scanned_grant(queue: FairQueue, backends: list[BackendView]) -> Waiting | None:
+    """The first head in the scanned order that some backend can take."""
+    for user in scanned_order(queue):
+        head = queue.accounts[user].queue[0]
+        if pick_backend(backends, head.model, 0, head.backend) is not None:
+            return head
+    return None
+
+
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(["push", "push", "grant", "grant", "remove", "configure", "requeue"]),
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from([None, "m1", "m2"]),
+        st.integers(0, 50),
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(script=steps, fairness=st.sampled_from(["tokens", "requests"]))
+def test_the_order_index_grants_what_a_full_scan_would(script, fairness):
+    queue = FairQueue(fairness)
+    backends = [
+        BackendView("one", free=1, active=0, models=frozenset({"m1"})),
+        BackendView("two", free=1, active=0, models=frozenset({"m2"})),
+    ]
+    running: list[Waiting] = []
+    for action, user, model, amount in script:
+        if action == "push":
+            pinned = "two" if amount % 7 == 0 else None
+            queue.push(Waiting(user, model, estimate=amount, backend=pinned, enqueued_at=amount))
+        elif action == "configure":
+            queue.configure(user, weight=1 + amount % 3, vip=amount % 5 == 0, blocked=False)
+        elif action == "remove" and queue.waiting(user):
+            queue.remove(queue.accounts[user].queue[-1])
+        elif action == "requeue" and running:
+            queue.requeue(running.pop())
+        elif action == "grant":
+            expected = scanned_grant(queue, backends)
+            choice = queue.grant(backends)
+            assert (choice and choice[0]) is expected
+            if choice is not None:
+                queue.progress(choice[0], amount)
+                running.append(choice[0])
+            if len(running) > 2:
+                done = running.pop(0)
+                queue.complete(done.user, done.charged, amount, amount)
+        assert queue.order() == scanned_order(queue)
+        assert len(queue) == sum(len(a.queue) for a in queue.accounts.values())

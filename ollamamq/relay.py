@@ -12,7 +12,13 @@ from flask import Response, after_this_request, current_app, request
 from gevent import get_hub
 from urllib3 import HTTPResponse
 from urllib3.exceptions import ReadTimeoutError
-from werkzeug.exceptions import BadGateway, GatewayTimeout, Gone, ServiceUnavailable
+from werkzeug.exceptions import (
+    BadGateway,
+    GatewayTimeout,
+    Gone,
+    HTTPException,
+    ServiceUnavailable,
+)
 
 from .backends import Backend
 from .budgets import budgets
@@ -108,6 +114,13 @@ class BackendTimeout(GatewayTimeout):
     pass
 
 
+class ClientGone(HTTPException):
+    """The client hung up before its answer was sent (nginx's 499, for the access log)."""
+
+    code = 499
+    description = "the client closed the connection"
+
+
 def serve_queued(path: str) -> Response:
     """Queue the request fairly, wait for a slot, then stream the backend's answer."""
     budgets().check(user_of())  # every inference call comes through here; listings do not
@@ -122,15 +135,15 @@ def serve_queued(path: str) -> Response:
     ticket = queue.submit(user_of(), model, path, estimate_input_tokens(payload), limit)
     request.environ["ollamamq.ticket"] = ticket  # for the access line and metrics at close
     watch = ClientWatch(request.environ, lambda: queue.abandon(ticket))
-    after_this_request(lambda response: _closing(response, watch.stop))  # error or stream
+    after_this_request(partial(_closing, lambda: (watch.stop(), queue.release(ticket))))
     upstream = _dispatch(ticket, queue, path, body)
     response = _response(upstream, ticket, f"{path} via {ticket.backend.name}", strip_usage)
     response.headers["X-Queue-Wait-Ms"] = f"{ticket.wait_ms:.1f}"
-    response.call_on_close(lambda: queue.release(ticket))
     return response
 
 
-def _closing(response: Response, callback: Callable[[], None]) -> Response:
+def _closing(callback: Callable[[], None], response: Response) -> Response:
+    """Whatever the answer (relayed, or an error raised on the way), clean up once it is sent."""
     response.call_on_close(callback)
     return response
 
@@ -202,12 +215,16 @@ def _connect(backend: Backend, path: str, body) -> HTTPResponse:
 def _response(
     upstream: HTTPResponse, ticket: Ticket | None, label: str, strip_usage: bool = False
 ) -> Response:
-    """Stream the backend's answer to the client, watching it for the ticket."""
-    is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-    chunks = iter_body(upstream)
+    """The backend's answer for the client: a JSON document whole, a stream as it comes."""
+    content_type = upstream.headers.get("Content-Type", "")
     if ticket is not None:
         ticket.on_abandon = partial(cut, upstream)
         ticket.failed = upstream.status >= 400
+    if content_type.startswith("application/json"):
+        return _whole(upstream, ticket, label)
+    is_sse = content_type.startswith("text/event-stream")
+    chunks = iter_body(upstream)
+    if ticket is not None:
         chunks = observe(chunks, ticket, is_sse)
     if strip_usage:
         chunks = drop_usage_events(chunks)
@@ -217,19 +234,49 @@ def _response(
     return response
 
 
+def _whole(upstream: HTTPResponse, ticket: Ticket | None, label: str) -> Response:
+    """A non-streamed answer, read before anything is sent: one write, with its length.
+
+    Nothing has reached the client yet, so a backend that fails now is a clean 502 or 504.
+    """
+    try:
+        data = upstream.read(decode_content=False)
+    except ReadTimeoutError as exc:
+        raise BackendTimeout(f"{label}: the backend stopped answering: {exc}") from None
+    except STREAM_ERRORS as exc:
+        if ticket is not None and ticket.abandoned:
+            log.info("%s: the client left before the answer; the backend call was cut", label)
+            raise ClientGone() from None
+        raise BackendUnreachable(f"{label}: the backend's answer broke off: {exc}") from None
+    finally:
+        upstream.close()
+    if ticket is not None:
+        ticket.first_byte_at = time.monotonic()
+        _settle(ticket, data[-TAIL_BYTES:])
+    return Response(data, upstream.status, response_headers(upstream.headers.items()))
+
+
 def observe(chunks: Iterator[bytes], ticket: Ticket, is_sse: bool) -> Iterator[bytes]:
     """Count content records as they pass; read the backend's token counts from the end.
 
     A content record is an Ollama record not yet done, or an SSE chunk not yet finished:
-    one token each. They are what a stream is charged when the backend never says.
+    one token each. They are what a stream is charged when the backend never says. Only
+    the last bytes are kept for the counts, in a buffer cut back every few kilobytes.
     """
     compact, spaced = CONTENT_MARKERS[is_sse]
-    tail = b""
+    tail = bytearray()
     for chunk in chunks:
         ticket.first_byte_at = ticket.first_byte_at or time.monotonic()  # read once per chunk
         ticket.records += chunk.count(compact) + (spaced is not None and chunk.count(spaced))
-        tail = (tail + chunk)[-TAIL_BYTES:]
+        tail += chunk
+        if len(tail) > 2 * TAIL_BYTES:
+            del tail[:-TAIL_BYTES]
         yield chunk
+    _settle(ticket, bytes(tail[-TAIL_BYTES:]))
+
+
+def _settle(ticket: Ticket, tail: bytes) -> None:
+    """Take the backend's own token counts from the end of its answer, when it gave them."""
     counts = token_counts(tail)
     if any(counts):
         ticket.tokens_in, ticket.tokens_out = counts

@@ -30,7 +30,7 @@ from .backends import BackendPool
 from .budgets import init_budgets
 from .config import Config
 from .dispatcher import Dispatcher
-from .extensions import db, limiter, migrate
+from .extensions import db, init_limiter, migrate
 from .fairshare import FairQueue
 from .identity import init_identity
 from .jobs import SchedulerKeeper, catch_up, init_scheduler
@@ -56,7 +56,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     paths.init_app(app)
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS)
-    limiter.init_app(app)
+    init_limiter(app)
     init_auth(app)
     dispatcher = _dispatcher(app)
     pulls = PullService(app, dispatcher.pool)

@@ -8,10 +8,13 @@ database every few seconds and at stop, so a restart does not reset them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import MappingProxyType
 
 import gevent
 from flask import Flask, current_app
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 BUDGETS_KEY = "ollamamq.budgets"
 WRITE_S = 5.0  # how often counted tokens reach the database
+DAY_S = 86400  # UTC days have no leap seconds in epoch time
 LIMITS = ("requests_per_minute", "tokens_per_day", "tokens_per_month")
 
 
@@ -56,16 +60,22 @@ class OverBudget(TooManyRequests):
         }
 
 
-def periods(now: float) -> dict[str, tuple[str, float]]:
+def periods(now: float) -> Mapping[str, tuple[str, float]]:
     """The current day and month of `now`: their key and when they end (epoch seconds)."""
-    moment = datetime.fromtimestamp(now, UTC)
-    day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    return _periods_of_day(int(now // DAY_S))  # every finished request asks: once a day
+
+
+@functools.lru_cache(maxsize=4)
+def _periods_of_day(day_number: int) -> Mapping[str, tuple[str, float]]:
+    day = datetime.fromtimestamp(day_number * DAY_S, UTC)
     month = day.replace(day=1)
     next_month = month.replace(year=month.year + month.month // 12, month=month.month % 12 + 1)
-    return {
-        "day": (day.strftime("%Y-%m-%d"), day.timestamp() + 86400),
-        "month": (month.strftime("%Y-%m"), next_month.timestamp()),
-    }
+    return MappingProxyType(
+        {
+            "day": (day.strftime("%Y-%m-%d"), day.timestamp() + DAY_S),
+            "month": (month.strftime("%Y-%m"), next_month.timestamp()),
+        }
+    )
 
 
 class Budgets:

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 
+import gevent
 from flask import Response, after_this_request, current_app, request
-from gevent import get_hub
 from urllib3 import HTTPResponse
 from urllib3.exceptions import ReadTimeoutError
 from werkzeug.exceptions import (
@@ -22,7 +22,7 @@ from werkzeug.exceptions import (
 
 from .backends import Backend
 from .budgets import budgets
-from .dispatcher import Dispatcher, Ticket
+from .dispatcher import ACTIVE, Dispatcher, Ticket
 from .fairshare import normalize_model
 from .identity import user_of
 from .payloads import (
@@ -75,7 +75,7 @@ class ClientWatch:
         self._on_gone = on_gone
         self._watcher = None
         if self._sock is not None and self._sock.fileno() >= 0:
-            self._watcher = get_hub().loop.io(self._sock.fileno(), 1)  # 1: readable
+            self._watcher = gevent.get_hub().loop.io(self._sock.fileno(), 1)  # 1: readable
             self._watcher.start(self._readable)
 
     def _readable(self) -> None:
@@ -158,6 +158,7 @@ def _dispatch(ticket: Ticket, queue: Dispatcher, path: str, body: bytes) -> HTTP
         if not ticket.wait():
             raise Cancelled()
         backend = ticket.backend
+        _interrupt_on_abandon(ticket)
         try:
             upstream = _connect(backend, path, body)
         except (BackendUnreachable, BackendTimeout):
@@ -174,6 +175,26 @@ def _dispatch(ticket: Ticket, queue: Dispatcher, path: str, body: bytes) -> HTTP
         queue.requeue(ticket, current_app.config["BUSY_RETRY_S"])
     queue.abandon(ticket)
     raise NoBackendTook(retry_after=1)
+
+
+def _interrupt_on_abandon(ticket: Ticket) -> None:
+    """Until the backend begins its answer, a client that leaves interrupts the wait for it.
+
+    Ollama sends a non-streamed answer's headers only once it is all generated: without
+    this, a client gone during a long generation would hold its slot to the end. The
+    interruption closes the backend connection, so the backend stops. It is thrown from the
+    hub, as gevent.Timeout's is, and only while the ticket still waits for the answer.
+    """
+    waiting = gevent.getcurrent()
+
+    def interrupt() -> None:
+        if ticket.on_abandon is abandon and ticket.state == ACTIVE and not waiting.dead:
+            waiting.throw(ClientGone())
+
+    def abandon() -> None:
+        gevent.get_hub().loop.run_callback(interrupt)
+
+    ticket.on_abandon = abandon
 
 
 def serve_direct(path: str, body: bytes | None = None, model: str | None = None) -> Response:

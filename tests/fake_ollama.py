@@ -23,7 +23,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
 DEFAULT_MODELS = ["llama3:latest", "qwen2:0.5b", "nomic-embed-text:latest"]
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
@@ -53,6 +53,21 @@ class Received:
     finished: float | None = None
     disconnected: bool = False
     ended: Event = field(default_factory=Event)  # set with `finished`, for tests to wait on
+    client: socket.socket | None = field(default=None, repr=False, compare=False)
+
+    def client_left(self) -> bool:
+        """Whether the client has hung up (Go's server notices it and cancels the request)."""
+        raw = getattr(self.client, "_sock", self.client)  # gevent's recv would wait
+        try:
+            return raw is not None and not raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+
+class ClientLeft(Exception):
+    """The client hung up during a generation."""
 
 
 class ApiError(Exception):
@@ -214,8 +229,17 @@ def last_record(records: Iterable[Body]) -> Iterator[bytes]:
     yield compact(last)
 
 
+class SocketHandler(WSGIHandler):
+    """Puts the client's socket in the environ, so a generation can notice a hang-up."""
+
+    def get_environ(self) -> dict[str, Any]:
+        return {**super().get_environ(), "fake.socket": self.socket}
+
+
 class NoDelayServer(WSGIServer):
     """pywsgi with TCP_NODELAY, like Go's net/http: each small record leaves at once."""
+
+    handler_class = SocketHandler
 
     def handle(self, sock: socket.socket, address: tuple[str, int]) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -337,6 +361,7 @@ class FakeOllama:
             parsed = None
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         req = Received(method, path, request_headers(environ), body, parsed, started)
+        req.client = environ.get("fake.socket")
         if self.record:
             self.received.append(req)
         if self.on_request is not None:
@@ -389,6 +414,8 @@ class FakeOllama:
         try:
             yield from body
             complete = True
+        except ClientLeft:
+            pass  # nobody to answer
         finally:  # also on GeneratorExit: pywsgi closes us when the client goes away
             if counted:
                 self.active -= 1
@@ -423,6 +450,8 @@ class FakeOllama:
         for i in range(job.tokens):
             if i:
                 self._pause()
+                if self.token_delay and job.req.client_left():
+                    raise ClientLeft()  # Ollama stops generating for a client that has gone
             if i == self.stall_after and self.stall is not None:
                 self.stall.wait()
             yield f"tok{i} "

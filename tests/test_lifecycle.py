@@ -186,3 +186,28 @@ def test_hop_by_hop_headers_stay_behind_and_end_to_end_ones_pass(proxy, fake):
     sent = fake.received[-1].headers
     assert sent["X-Custom"] == "yes"
     assert "X-Secret" not in sent
+
+
+def test_client_leaving_during_a_non_streamed_generation_frees_the_slot_at_once(
+    proxy, app, fake, calls
+):
+    """Ollama sends nothing of a non-streamed answer until it is generated: the proxy must
+    not wait for it to notice the client has gone."""
+    fake.tokens, fake.token_delay = 1000, 0.05  # a 50 s generation, its headers at the end
+    sock = raw_request(proxy, "/api/chat", CHAT, "leaver")
+    wait_arrivals(fake, "/api/chat", 1)
+    sock.close()
+    calls.wait_for("release", 1)  # long before the answer would have begun
+    chat = next(r for r in fake.received if r.path == "/api/chat")
+    assert chat.ended.wait(5) and chat.disconnected  # the backend's call was closed
+    assert app.extensions["ollamamq"].users["leaver"].cancelled == 1
+    fake.tokens, fake.token_delay = 4, 0
+    assert_still_serves(proxy, app)
+
+
+def test_a_whole_answer_goes_out_with_its_length(proxy, fake):
+    response = requests.post(f"{proxy}/api/chat", json=CHAT, timeout=10)
+    assert response.status_code == 200
+    assert response.headers["Content-Length"] == str(len(response.content))
+    assert "Transfer-Encoding" not in response.headers
+    assert response.json()["done"] is True

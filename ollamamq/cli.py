@@ -252,6 +252,16 @@ class Handler(WSGIHandler):
         return environ
 
 
+class QuietHandler(Handler):
+    """No pywsgi access line: the app logs each request itself (accesslog.py).
+
+    pywsgi formats its line (a datetime and a %-format) even when its log is a no-op.
+    """
+
+    def log_request(self) -> None:
+        pass
+
+
 def serve(app: Flask) -> None:
     """Serve until SIGINT or SIGTERM, then drain (see shutdown.py)."""
     host, port = app.config["HOST"], app.config["PORT"]
@@ -263,7 +273,7 @@ def serve(app: Flask) -> None:
     server = WSGIServer(
         (host, port),
         app,
-        handler_class=Handler,
+        handler_class=Handler if access else QuietHandler,
         backlog=BACKLOG,
         log=access,
         error_log=LoggingLogAdapter(log, logging.ERROR),

@@ -30,6 +30,7 @@ BUSY = "server busy, please try again.  maximum pending requests exceeded"
 PULL_FAILURE = "pull model manifest: connection reset"
 SIZE = 4_661_224_676
 JSON_TYPE = "application/json; charset=utf-8"
+GO_CHUNKING_BUFFER = 2048  # net/http's bufferBeforeChunkingSize
 NDJSON = "application/x-ndjson"
 TEXT = "text/plain; charset=utf-8"
 STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
@@ -458,12 +459,17 @@ class FakeOllama:
         job.t_end = time.perf_counter()
 
     def _single(self, job: Job, build: Callable[[str], Body]) -> Reply:
-        """One JSON object built from the whole text, sent once it is all produced."""
+        """One JSON object built from the whole text, framed as Go's net/http frames it.
+
+        Ollama writes a non-streamed answer once it is made: Go sends it with a
+        Content-Length when it fits the 2 KB buffer before chunking, chunked when larger.
+        """
 
         def body() -> Iterator[bytes]:
             yield compact(build("".join(self._produce(job))))
 
-        return 200, JSON_TYPE, self._tracked(job.req, body(), counted=True)
+        whole = b"".join(self._tracked(job.req, body(), counted=True))
+        return 200, JSON_TYPE, [whole] if len(whole) < GO_CHUNKING_BUFFER else iter([whole])
 
     def _stream(
         self, job: Job, kind: str, each: Callable[[str], bytes], tail: Callable[[], Iterable[bytes]]

@@ -120,6 +120,19 @@ def latency(url: str, total: int, concurrency: int, deadline: float, pid: int | 
     return result | {"concurrency": concurrency, "cpu_ms": cpu, "client": "python"}
 
 
+def sequential_latency(
+    url: str, total: int, seconds: float, deadline: float, pid: int | None
+) -> dict[str, Any]:
+    """p50 of small requests one after another on one connection: wrk if installed.
+
+    A client in Python shares the two cores with the servers and adds its own wait to
+    every request; wrk's C loop adds almost none.
+    """
+    if not wrk.available():
+        return latency(url, total, 1, deadline, pid)
+    return throughput(url, 1, seconds, pid)
+
+
 def throughput(url: str, concurrency: int, seconds: float, pid: int | None) -> dict:
     """Req/s of small requests for `seconds`, with wrk if installed, and CPU per request."""
     if not wrk.available():

@@ -124,7 +124,9 @@ def run(plan: Plan, sides: dict[str, dict[str, Server]]) -> dict[str, Any]:
     for side, (quick, paced) in ((s, (v["quick"], v["paced"])) for s, v in sides.items()):
         out = results[side]
         out["c32"] = measure.throughput(quick.url, 32, plan.load_seconds, quick.pid)
-        out["c1"] = measure.latency(quick.url, plan.c1, 1, deadline(), quick.pid)
+        out["c1"] = measure.sequential_latency(
+            quick.url, plan.c1, plan.load_seconds, deadline(), quick.pid
+        )
         out["ttfb"] = measure.first_byte(paced.url, plan.ttfb, plan.ttfb_tokens, deadline())
         out["relay"] = measure.chunk_rate(quick.url, plan.tokens, plan.repeats, deadline())
     one = measure.stream_seconds(sides["direct"]["paced"].url, 20, deadline())
@@ -156,7 +158,8 @@ def notes(plan: Plan, sides: dict[str, dict[str, Server]], results: dict[str, An
         f"--backend-parallel {SLOTS}, one user (X-User-ID: bench)",
         f"req/s and CPU: {load}, {plan.load_seconds:.0f} s per run, a 1-token /api/generate; "
         "CPU per request is the server's own utime+stime from /proc/PID/stat",
-        f"p50: {plan.c1} sequential requests on one keep-alive connection; first byte: "
+        f"p50: sequential requests on one keep-alive connection ({load}, or {plan.c1} from "
+        "this process without wrk); first byte: "
         f"{plan.ttfb} streams of {plan.ttfb_tokens} tokens, {plan.token_delay * 1000:.0f} ms "
         f"before each; lines/s: {plan.repeats} unpaced streams of {plan.tokens} tokens",
         "held: N one-token streams sent at once, one user each; ideal = ceil(N/4) x one "

@@ -29,14 +29,27 @@ def lua_string(body: bytes) -> str:
 
 
 def run(url: str, body: bytes, connections: int, seconds: float) -> dict[str, Any]:
-    """Requests, req/s and failures of one wrk run with one thread (one user)."""
+    """Requests, req/s, failures and latency percentiles of one wrk run with one thread."""
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
         script = Path(tmp) / "post.lua"
         script.write_text(SCRIPT.format(body=lua_string(body)))
-        command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s"]
+        command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
         command += ["--timeout", TIMEOUT, "-s", str(script), url]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return parse(out)
+    return parse(out) | percentiles(out)
+
+
+UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def percentiles(out: str) -> dict[str, float]:
+    """p50_ms and p99_ms from wrk's --latency distribution."""
+    found = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+(?:us|ms|s))\s*$", out, re.MULTILINE))
+    result = {}
+    for pct, value in found.items():
+        number, unit = re.match(r"([\d.]+)(us|ms|s)", value).groups()
+        result[f"p{pct}_ms"] = round(float(number) * UNITS_MS[unit], 3)
+    return result
 
 
 def parse(out: str) -> dict[str, Any]:

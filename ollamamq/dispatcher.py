@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
 
 import gevent
 from gevent.event import Event
-from werkzeug.exceptions import Forbidden, HTTPException, ServiceUnavailable
+from werkzeug.exceptions import Forbidden, HTTPException
 
 from .backends import Backend, BackendPool
-from .fairshare import FairQueue, Waiting
+from .fairshare import FairQueue
 from .metrics import Throughput, UserStats
 from .snapshot import Snapshot, TicketView, UserView
 from .supervisor import Supervisor
+from .ticket import ACTIVE, CANCELLED, DONE, DRAINED, WAITING, Draining, Ticket
 
 log = logging.getLogger(__name__)
 
-WAITING, ACTIVE, DONE, CANCELLED = "waiting", "active", "done", "cancelled"
 LOOP = "dispatcher loop"
-DRAINED = "drained"  # answered 503 because the proxy is shutting down
-DRAIN_RETRY_AFTER = 5  # seconds: a restarted proxy, or another one, is usually there by then
 
 
 class QueueFull(HTTPException):
@@ -38,86 +34,6 @@ class QueueFull(HTTPException):
 
 class UserBlocked(Forbidden):
     """The user is blocked by an operator."""
-
-
-class Draining(ServiceUnavailable):
-    """The proxy is shutting down: the request is refused, to be retried elsewhere or later."""
-
-    def __init__(self) -> None:
-        message = "the proxy is shutting down; retry in a moment"
-        super().__init__(message, retry_after=DRAIN_RETRY_AFTER)
-
-
-class Ticket:
-    """One request from submit to release.
-
-    Its request greenlet waits on `granted`; the dispatcher sets `backend` and `state`.
-    """
-
-    __slots__ = (
-        "id",
-        "user",
-        "model",
-        "path",
-        "item",
-        "granted",
-        "backend",
-        "state",
-        "enqueued_at",
-        "started_at",
-        "first_byte_at",
-        "records",
-        "tokens_in",
-        "tokens_out",
-        "reported",
-        "failed",
-        "abandoned",
-        "on_abandon",
-    )
-
-    _ids = itertools.count(1)
-
-    def __init__(
-        self,
-        user: str,
-        model: str | None,
-        path: str,
-        estimate: float,
-        max_output: int | None,
-        backend: str | None = None,
-    ) -> None:
-        self.id = next(Ticket._ids)
-        self.user = user
-        self.model = model
-        self.path = path
-        self.enqueued_at = time.monotonic()
-        self.item = Waiting(user, model, estimate, max_output, self, backend=backend)
-        self.item.enqueued_at = self.enqueued_at
-        self.granted = Event()
-        self.backend: Backend | None = None
-        self.state = WAITING
-        self.started_at: float | None = None
-        self.first_byte_at: float | None = None  # set by the relay when the first chunk passes
-        self.records = 0  # content records relayed so far (one token each), set by the relay
-        self.tokens_in = 0  # the backend's own counts, once its final record is seen
-        self.tokens_out = 0
-        self.reported = False  # the backend gave its counts; else release() charges the stream
-        self.failed = False  # an error status or a broken stream: counted as an error
-        self.abandoned = False  # the client hung up while it was being served
-        self.on_abandon: Callable[[], None] | None = None
-
-    @property
-    def wait_ms(self) -> float:
-        """Time spent queued."""
-        end = self.started_at if self.started_at is not None else time.monotonic()
-        return (end - self.enqueued_at) * 1000
-
-    def wait(self) -> bool:
-        """Block until granted a slot (True) or cancelled (False); raises Draining."""
-        self.granted.wait()
-        if self.state == DRAINED:
-            raise Draining()
-        return self.state == ACTIVE
 
 
 class Dispatcher:

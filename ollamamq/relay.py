@@ -22,7 +22,7 @@ from werkzeug.exceptions import (
 
 from .backends import Backend
 from .budgets import budgets
-from .dispatcher import ACTIVE, Dispatcher, Ticket
+from .dispatcher import Dispatcher
 from .fairshare import normalize_model
 from .identity import user_of
 from .payloads import (
@@ -33,6 +33,7 @@ from .payloads import (
     parse_request,
 )
 from .services import dispatcher
+from .ticket import ACTIVE, Ticket
 from .upstream import (
     READ_SIZE,
     STREAM_ERRORS,

@@ -263,12 +263,14 @@ def _whole(upstream: HTTPResponse, ticket: Ticket | None, label: str) -> Respons
     """
     try:
         data = upstream.read(decode_content=False)
-    except ReadTimeoutError as exc:
-        raise BackendTimeout(f"{label}: the backend stopped answering: {exc}") from None
     except STREAM_ERRORS as exc:
         if ticket is not None and ticket.abandoned:
             log.info("%s: the client left before the answer; the backend call was cut", label)
             raise ClientGone() from None
+        if ticket is not None:
+            ticket.failed = True
+        if isinstance(exc, ReadTimeoutError):
+            raise BackendTimeout(f"{label}: the backend stopped answering: {exc}") from None
         raise BackendUnreachable(f"{label}: the backend's answer broke off: {exc}") from None
     finally:
         upstream.close()

@@ -13,7 +13,8 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from .fairshare import BackendView, normalize_model
+from .fairshare import normalize_model
+from .placement import BackendView
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)

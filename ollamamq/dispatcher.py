@@ -14,6 +14,7 @@ from werkzeug.exceptions import Forbidden, HTTPException
 from .backends import Backend, BackendPool
 from .fairshare import FairQueue
 from .metrics import Throughput, UserStats
+from .placement import Slots
 from .snapshot import Snapshot, TicketView, UserView
 from .supervisor import Supervisor
 from .ticket import ACTIVE, CANCELLED, DONE, DRAINED, WAITING, Draining, Ticket
@@ -315,14 +316,14 @@ class Dispatcher:
             self.queue.progress(ticket.item, ticket.records)
         backends = self.pool.backends
         now = time.monotonic()
-        views = [b.view(now) for b in backends]
+        slots = Slots([b.view(now) for b in backends])  # one picture for the whole round
         while len(self.queue):
-            choice = self.queue.grant(views)
+            choice = self.queue.grant(slots)
             if choice is None:
                 return
             item, index = choice
             self._grant(item.payload, backends[index])
-            views[index] = backends[index].view(now)  # the one backend that changed
+            slots.take(index)
 
     def _grant(self, ticket: Ticket, backend: Backend) -> None:
         backend.active += 1

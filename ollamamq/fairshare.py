@@ -24,11 +24,15 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Container, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sortedcontainers import SortedList
+
+from .placement import BackendView, Slots, pick_backend
+
+__all__ = ["BackendView", "FairQueue", "Slots", "Waiting", "normalize_model", "pick_backend"]
 
 FAIRNESS_MODES = ("tokens", "requests")
 OUTPUT_SMOOTHING = 0.3  # weight of the newest request in a user's mean output
@@ -55,22 +59,6 @@ class Waiting:
     seq: int = -1  # arrival number, set by FairQueue.push: the last tie-break
 
 
-@dataclass(frozen=True)
-class BackendView:
-    """What the policy needs to know about a backend at one instant."""
-
-    name: str
-    free: int
-    active: int
-    is_up: bool = True
-    models: frozenset[str] | None = None  # None: not known yet, may serve any model
-    loaded: frozenset[str] = frozenset()
-
-    def has_model(self, model: str | None) -> bool:
-        """Whether this backend can serve `model` (any backend serves a request without one)."""
-        return model is None or self.models is None or model in self.models
-
-
 @dataclass
 class UserAccount:
     """Per-user scheduling state: the FIFO queue and, for "tokens", the service counter.
@@ -87,51 +75,6 @@ class UserAccount:
     position: int = -1  # "requests": its latest grant's number, lifted to the latest on joining
     is_new: bool = True  # never granted: joins no lower than the latest users served
     mean_output: float | None = None  # moving average of the user's output tokens per request
-
-
-def pick_backend(
-    backends: Sequence[BackendView], model: str | None, turn: int = 0, only: str | None = None
-) -> int | None:
-    """Index of the backend that should take a request for `model`, or None if none can now.
-
-    Healthy backends with the model and a free slot come first; backends that are down
-    are tried only when no healthy one has the model. Among candidates: model already
-    loaded, then fewest active requests, then round-robin by `turn` on ties. `only` pins
-    the request to the backend of that name. It runs for every grant: one pass over the
-    backends, which skips the full ones at the first test.
-    """
-    best: tuple[bool, bool, int] | None = None
-    tied: list[int] = []
-    for i, b in enumerate(backends):
-        if b.free <= 0 or (only is not None and b.name != only) or not b.has_model(model):
-            continue
-        rank = (not b.is_up, model not in b.loaded, b.active)
-        if best is None or rank < best:
-            best, tied = rank, [i]
-        elif rank == best:
-            tied.append(i)
-    if best is None or best[0] and _has_healthy_holder(backends, model, only):
-        return None
-    return tied[turn % len(tied)]
-
-
-class _Anything:
-    def __contains__(self, _model: object) -> bool:
-        return True
-
-
-def _free_models(backends: Sequence[BackendView]) -> Container[str | None]:
-    """The models some backend with a free slot holds (any, if one's models are not known)."""
-    held = [b.models for b in backends if b.free > 0]
-    if any(models is None for models in held):
-        return _Anything()
-    return frozenset().union(*held) | {None}
-
-
-def _has_healthy_holder(
-    backends: Sequence[BackendView], model: str | None, only: str | None
-) -> bool:
-    return any(b.is_up and b.has_model(model) and only in (None, b.name) for b in backends)
 
 
 Entry = tuple  # (not VIP, standing, head enqueued_at, head seq, user): the serving order
@@ -218,22 +161,21 @@ class FairQueue:
             self._place(item.user, acct)
         return True
 
-    def grant(self, backends: Sequence[BackendView]) -> tuple[Waiting, int] | None:
+    def grant(self, backends: Sequence[BackendView] | Slots) -> tuple[Waiting, int] | None:
         """Pop the next request that some backend can take now, with that backend's index.
 
         The lines are tried in the order of their first entries: the first whose kind of
         request has a free backend gives the grant, so a full model never holds up another.
-        Past the first line, lines whose model no free backend holds are skipped unpicked.
+        The dispatcher passes one Slots for a round of grants and takes each slot in it.
         """
-        servable: Container[str | None] | None = None
+        slots = backends if isinstance(backends, Slots) else Slots(backends)
+        if slots.free <= 0:
+            return None
         for first, (model, only) in sorted((line[0], kind) for kind, line in self._lines.items()):
-            if servable is not None and model not in servable:
-                continue
-            index = pick_backend(backends, model, self._turn, only)
+            index = slots.pick(model, self._turn, only)
             if index is not None:
                 user = first[-1]
                 return self._pop(user, self.accounts[user]), index
-            servable = servable or _free_models(backends)
         return None
 
     def complete(self, user: str, charged: float, input_tokens: int, output_tokens: int) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ollamamq.fairshare import BackendView, FairQueue, Waiting, normalize_model, pick_backend
+from ollamamq.placement import Slots
 
 ONE_SLOT = [BackendView("b0", free=1, active=0)]
 
@@ -462,3 +464,38 @@ def test_the_order_index_grants_what_a_full_scan_would(script, fairness):
                 queue.complete(done.user, done.charged, amount, amount)
         assert queue.order() == scanned_order(queue)
         assert len(queue) == sum(len(a.queue) for a in queue.accounts.values())
+
+
+views = st.lists(
+    st.builds(
+        BackendView,
+        name=st.sampled_from(["b0", "b1", "b2", "b3"]),
+        free=st.integers(0, 2),
+        active=st.integers(0, 3),
+        is_up=st.booleans(),
+        models=st.sampled_from([None, frozenset({"m1"}), frozenset({"m1", "m2"})]),
+        loaded=st.sampled_from([frozenset(), frozenset({"m1"})]),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    backends=views,
+    asks=st.lists(
+        st.tuples(st.sampled_from([None, "m1", "m2"]), st.sampled_from([None, "b1"])),
+        min_size=1,
+        max_size=20,
+    ),
+)
+def test_slots_through_a_round_pick_what_pick_backend_would_on_the_taken_views(backends, asks):
+    slots, taken = Slots(backends), list(backends)
+    for turn, (model, only) in enumerate(asks):
+        expected = pick_backend(taken, model, turn, only)
+        assert slots.pick(model, turn, only) == expected
+        if expected is not None:
+            slots.take(expected)
+            view = taken[expected]
+            taken[expected] = replace(view, free=view.free - 1, active=view.active + 1)

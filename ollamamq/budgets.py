@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
 
-import gevent
 from flask import Flask, current_app
 from limits import RateLimitItemPerMinute
 from sqlalchemy import select
@@ -164,7 +163,7 @@ class Budgets:
 
     def start(self) -> None:
         """Write the counts every WRITE_S in one supervised greenlet."""
-        self.greenlets.loop("writer", self._run)
+        self.greenlets.every("writer", WRITE_S, self.write)
 
     def stop(self) -> None:
         self.greenlets.stop()
@@ -172,12 +171,6 @@ class Budgets:
 
     def health_problem(self) -> str | None:
         return self.greenlets.health_problem()
-
-    def _run(self) -> None:
-        while True:
-            gevent.sleep(WRITE_S)
-            self.write()
-            self.greenlets.recovered("writer")
 
 
 def init_budgets(app: Flask) -> Budgets:

@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import gevent
 from flask import Flask
 from sqlalchemy import exists, select, update
 
@@ -137,7 +136,7 @@ class KeyRing:
     def start(self) -> None:
         """Load the keys, then reload them every RELOAD_S in one supervised greenlet."""
         self.reload()
-        self.greenlets.loop("reload", self._run)
+        self.greenlets.every("reload", RELOAD_S, self._refresh)
 
     def stop(self) -> None:
         """Stop reloading; write what is left of the last-used times."""
@@ -147,12 +146,9 @@ class KeyRing:
     def health_problem(self) -> str | None:
         return self.greenlets.health_problem()
 
-    def _run(self) -> None:
-        while True:
-            gevent.sleep(RELOAD_S)
-            self.reload()
-            self.flush_last_used()
-            self.greenlets.recovered("reload")
+    def _refresh(self) -> None:
+        self.reload()
+        self.flush_last_used()
 
     # What operators do, from the CLI or the admin (inside an app context).
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import gevent
 from gevent import Greenlet
 from gevent.pool import Group
 
@@ -40,6 +41,16 @@ class Supervisor:
         """Run `function(*args)`, meant to run until stop(); it is restarted if it crashes."""
         self._stopped = False
         return self._start_loop(name, function, args)
+
+    def every(self, name: str, seconds: float, function: Callable[[], Any]) -> Greenlet:
+        """Call `function` every `seconds` in a loop that is restarted if it crashes."""
+        return self.loop(name, self._every, name, seconds, function)
+
+    def _every(self, name: str, seconds: float, function: Callable[[], Any]) -> None:
+        while True:
+            gevent.sleep(seconds)
+            function()
+            self.recovered(name)
 
     def spawn(
         self,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import flask_migrate
+import redis
 from flask import Flask, Request
 from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from sqlalchemy import event
@@ -28,12 +30,14 @@ from . import (
 from .auth import init_auth
 from .backends import BackendPool
 from .budgets import init_budgets
+from .cluster import SharedDispatcher, default_replica_id
 from .config import Config
 from .dispatcher import Dispatcher
 from .extensions import db, init_limiter, migrate
 from .fairshare import FairQueue
 from .identity import init_identity
 from .jobs import SchedulerKeeper, catch_up, init_scheduler
+from .ledger import Ledger
 from .payloads import SafeJSONProvider
 from .pulls import PullService
 from .users import UserSettings
@@ -52,6 +56,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     if app.config["TRUSTED_PROXIES"]:
         hops = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
+    if not app.config["RATELIMIT_STORAGE_URI"]:  # request rates are shared with the queue
+        app.config["RATELIMIT_STORAGE_URI"] = app.config["REDIS_URL"] or "memory://"
     errors.register(app)
     paths.init_app(app)
     db.init_app(app)
@@ -92,8 +98,13 @@ class CookieSessionOnDemand(SecureCookieSessionInterface):
 def _dispatcher(app: Flask) -> Dispatcher:
     config = app.config
     pool = BackendPool(config["OLLAMA_URLS"], config["BACKEND_PARALLEL"], config["HEALTH_INTERVAL"])
-    queue = FairQueue(config["FAIRNESS"], config["OUTPUT_WEIGHT"])
-    return Dispatcher(pool, queue, config["MAX_QUEUE"], config["MAX_QUEUE_PER_USER"])
+    limits = (config["MAX_QUEUE"], config["MAX_QUEUE_PER_USER"])
+    new_queue = functools.partial(FairQueue, config["FAIRNESS"], config["OUTPUT_WEIGHT"])
+    if not config["REDIS_URL"]:
+        return Dispatcher(pool, new_queue(), *limits)
+    replica = config["REPLICA_ID"] or default_replica_id()
+    ledger = Ledger(config["REDIS_URL"])
+    return SharedDispatcher(pool, new_queue(), *limits, ledger, replica, new_queue)
 
 
 @event.listens_for(Engine, "connect")
@@ -119,10 +130,22 @@ def start_services(app: Flask) -> None:
     app.extensions["ollamamq.keys"].start()
     app.extensions["ollamamq.budgets"].start()
     dispatcher: Dispatcher = app.extensions["ollamamq"]
-    dispatcher.start()
+    _start_dispatcher(dispatcher)
     dispatcher.pool.start(on_change=dispatcher.wake)
     app.extensions["ollamamq.scheduler_keeper"].start()
     catch_up(app, app.extensions["ollamamq.pulls"], datetime.now(UTC))
+
+
+def _start_dispatcher(dispatcher: Dispatcher) -> None:
+    try:
+        dispatcher.start()
+    except redis.RedisError as exc:
+        url = dispatcher.ledger.url if isinstance(dispatcher, SharedDispatcher) else "?"
+        raise SharedQueueUnreachable(f"cannot reach Redis at {url} (REDIS_URL): {exc}") from exc
+
+
+class SharedQueueUnreachable(RuntimeError):
+    """REDIS_URL is set but Redis does not answer: refusing to start a replica alone."""
 
 
 def stop_services(app: Flask) -> None:

@@ -19,7 +19,13 @@ from flask import Flask
 from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
 from . import audit
-from .app import MIGRATIONS, create_app, start_services, stop_services
+from .app import (
+    MIGRATIONS,
+    SharedQueueUnreachable,
+    create_app,
+    start_services,
+    stop_services,
+)
 from .config import load_config_file, split_urls
 from .models import ROLES
 from .shutdown import Drain
@@ -164,6 +170,18 @@ def build_parser(version: str) -> argparse.ArgumentParser:
         dest="SHOW_QUEUED_IN_TAGS",
         help="list queued models in /api/tags, marked queued (SHOW_QUEUED_IN_TAGS)",
     )
+    p.add_argument(
+        "--redis-url",
+        dest="REDIS_URL",
+        metavar="URL",
+        help="share one fair queue with other replicas through this Redis (REDIS_URL)",
+    )
+    p.add_argument(
+        "--replica-id",
+        dest="REPLICA_ID",
+        metavar="NAME",
+        help="this replica's name in logs, /health and metrics (REPLICA_ID, host-pid)",
+    )
     p.add_argument("--no-tui", action="store_true", help="accepted for ollamaMQ compatibility")
     p.add_argument("-V", "--version", action="version", version=f"ollamamq {version}")
     commands = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -287,7 +305,11 @@ def serve(app: Flask) -> None:
         error_log=LoggingLogAdapter(log, logging.ERROR),
     )
     server.start()
-    start_services(app)
+    try:
+        start_services(app)
+    except SharedQueueUnreachable as exc:
+        log.error("%s", exc)
+        sys.exit(1)
     log.info("listening on http://%s:%d", host, server.server_port)
     _warn_if_open(app, host)
     drain = Drain(app, finish=lambda: server.stop(timeout=1))  # keep-alive idlers: 1 s

@@ -77,7 +77,9 @@ class Config:
     LOG_FORMAT = os.environ.get("LOG_FORMAT", "text")  # "text" or "json" (one object per line)
     METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")  # bearer token a scraper may send
     METRICS_PER_USER = env_bool("METRICS_PER_USER", False)  # user= labels (users are unbounded)
-    RATELIMIT_STORAGE_URI = os.environ.get("RATELIMIT_STORAGE_URI", "memory://")
+    REDIS_URL = os.environ.get("REDIS_URL", "")  # "": one process; else replicas share a queue
+    REPLICA_ID = os.environ.get("REPLICA_ID", "")  # "": host name and process id
+    RATELIMIT_STORAGE_URI = os.environ.get("RATELIMIT_STORAGE_URI", "")  # "": memory or REDIS_URL
     RATELIMIT_HEADERS_ENABLED = True  # X-RateLimit-* and Retry-After on limited answers
 
     # The download queue (ohhhllama's names where it has them).

@@ -7,6 +7,7 @@ from sqlalchemy import text
 
 from . import services
 from .catalog import queued_entry, union
+from .cluster import SharedDispatcher
 from .extensions import db
 from .identity import user_of
 from .paths import check_digest
@@ -132,6 +133,8 @@ def health() -> Response:
     database = _database_state()
     problems = services.problems()
     is_ok = any(b["up"] for b in backends) and database == "ok" and not problems
+    cluster = queue.state() if isinstance(queue, SharedDispatcher) else None
+    is_ok = is_ok and (cluster is None or cluster["redis"] == "ok")
     return jsonify(
         status="ok" if is_ok else "degraded",
         problems=problems,
@@ -141,6 +144,7 @@ def health() -> Response:
         database=database,
         disk=pulls().disk_state(),
         scheduler=_scheduler_state(),
+        **({"cluster": cluster} if cluster else {}),
     )
 
 

@@ -37,6 +37,7 @@ from .extensions import db, init_limiter, migrate
 from .fairshare import FairQueue
 from .identity import init_identity
 from .jobs import SchedulerKeeper, catch_up, init_scheduler
+from .keys import RING_KEY
 from .ledger import Ledger
 from .payloads import SafeJSONProvider
 from .pulls import PullService
@@ -68,6 +69,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     pulls = PullService(app, dispatcher.pool)
     app.extensions["ollamamq"] = dispatcher
     app.extensions["ollamamq.pulls"] = pulls
+    app.extensions["ollamamq.claim"] = getattr(dispatcher, "claim", lambda _name: True)
     budgets = init_budgets(app)
     app.extensions["ollamamq.users"] = UserSettings(dispatcher, budgets, app.config["USERS"])
     app.extensions["ollamamq.scheduler"] = scheduler = init_scheduler(app, pulls)
@@ -79,7 +81,24 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin_api.bp)
     accesslog.init_app(app, on_finish=[prometheus.init_app(app).observe, budgets.spend])
     init_identity(app)  # after the access log's hook: a refused request is logged too
+    if isinstance(dispatcher, SharedDispatcher):
+        _share_changes(app, dispatcher)
     return app
+
+
+def _share_changes(app: Flask, dispatcher: SharedDispatcher) -> None:
+    """A user blocked or a key revoked on one replica applies on all, through Redis."""
+    users, ring = app.extensions["ollamamq.users"], app.extensions[RING_KEY]
+
+    def reload_users() -> None:
+        with app.app_context():
+            users.load()
+            db.session.remove()
+
+    dispatcher.on_change("users", reload_users)
+    dispatcher.on_change("keys", ring.reload)
+    users.announce = functools.partial(dispatcher.announce, "users")
+    ring.announce = functools.partial(dispatcher.announce, "keys")
 
 
 class CookieSessionOnDemand(SecureCookieSessionInterface):

@@ -30,10 +30,11 @@ from .ticket import ACTIVE, DRAINED, WAITING, Ticket
 log = logging.getLogger(__name__)
 
 BEAT_S = 0.5  # heartbeat period
-REPLICA_TTL_S = 4.0  # a replica silent this long is dead: its slots are freed
+REPLICA_TTL_S = 3.0  # a replica silent this long is dead: its slots are freed
 SELF_FENCE_S = REPLICA_TTL_S - 1.0  # silent this long ourselves: cut our streams first
 LEADER_TTL_S = 2.0  # a leader silent this long is replaced
 RETRY_S = 0.2  # pause before sending again to an unreachable Redis
+CLAIM_TTL_S = 3600  # a scheduled run claimed by one replica stays claimed this long
 GRANT_WAIT_S = 1.0  # one wait for a grant; then the loop reports itself healthy
 
 
@@ -74,6 +75,7 @@ class SharedDispatcher(Dispatcher):
         self.leader: Leader | None = None
         self.redis_error: str | None = None
         self._tickets: dict[str, Ticket] = {}  # this replica's, waiting or active
+        self._reloads: dict[str, Callable[[], None]] = {}  # topic -> reload, see on_change()
         self._outbox: list[Op] = []
         self._has_mail = Event()
         self._epoch: str | None = None
@@ -87,6 +89,7 @@ class SharedDispatcher(Dispatcher):
         self.greenlets.loop("grants", self._receive_grants)
         self.greenlets.loop("outbox", self._send_outbox)
         self.greenlets.every("heartbeat", BEAT_S, self._heartbeat)
+        self.greenlets.loop("changes", self._listen)
         log.info("replica %s joined the shared queue at %s", self.replica, self.ledger.url)
 
     def stop(self) -> None:
@@ -176,6 +179,58 @@ class SharedDispatcher(Dispatcher):
 
     def _run(self) -> None:
         raise AssertionError("grants come from the leader")  # start() never spawns it
+
+    def claim(self, name: str) -> bool:
+        """Whether this replica is the one to do `name` (a scheduled run) for the next hour.
+
+        If Redis cannot say, yes: a window opened twice only runs more pulls at once
+        (each job is still claimed in the database by one replica), a missed one waits a day.
+        """
+        try:
+            return self.ledger.claim(name, self.replica, CLAIM_TTL_S)
+        except redis.RedisError as exc:
+            log.warning(
+                "replica %s: Redis cannot say who runs %s; running it: %s", self.replica, name, exc
+            )
+            return True
+
+    # -- settings changed on any replica ----------------------------------------------------
+
+    def on_change(self, topic: str, reload: Callable[[], None]) -> None:
+        """Call `reload` whenever a replica announces a change to `topic` (users, keys)."""
+        self._reloads[topic] = reload
+
+    def announce(self, topic: str) -> None:
+        """Tell every replica (this one too) that `topic` changed in the database."""
+        try:
+            self.ledger.publish(topic)
+        except redis.RedisError as exc:
+            self._lost(exc)  # the others reload everything once they hear Redis again
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                self._hear_changes()
+            except redis.RedisError as exc:
+                self._lost(exc)
+                gevent.sleep(RETRY_S)
+
+    def _hear_changes(self) -> None:
+        changes = self.ledger.listen()
+        try:
+            self._reload_all()  # whatever changed while we could not hear
+            while True:
+                message = changes.get_message(timeout=GRANT_WAIT_S)
+                reload = self._reloads.get(message["data"].decode()) if message else None
+                if reload is not None:
+                    reload()
+                self.greenlets.recovered("changes")
+        finally:
+            changes.close()
+
+    def _reload_all(self) -> None:
+        for reload in self._reloads.values():
+            reload()
 
     # -- grants ------------------------------------------------------------------------------
 

@@ -65,10 +65,22 @@ def next_run(scheduler: APScheduler) -> datetime | None:
 
 
 def run_download_window(app: Flask, pulls: PullService) -> None:
-    """The off-peak window opens: process every pending download."""
+    """The off-peak window opens: process every pending download (on one replica only)."""
+    now = datetime.now(UTC)
+    if not _is_mine(app, now):
+        return
     log.info("download window opens")
     with app.app_context():
-        open_window(pulls, app.config["QUEUE_WINDOW_MINUTES"], datetime.now(UTC))
+        open_window(pulls, app.config["QUEUE_WINDOW_MINUTES"], now)
+
+
+def _is_mine(app: Flask, opening: datetime) -> bool:
+    """Whether this process opens the window due at `opening` (several replicas share it)."""
+    minute = opening.astimezone(UTC).strftime("%Y-%m-%dT%H:%M")
+    if app.extensions["ollamamq.claim"](f"window:{minute}"):
+        return True
+    log.info("the download window of %s is opened by another replica", minute)
+    return False
 
 
 def open_window(pulls: PullService, minutes: int, now: datetime) -> None:
@@ -107,7 +119,7 @@ def catch_up(app: Flask, pulls: PullService, now: datetime) -> bool:
         row = db.session.get(WindowOpening, 1)
         last = row.opened_at.replace(tzinfo=UTC) if row is not None else None
         missed = missed_opening(trigger, last, now, app.config["QUEUE_CATCH_UP_HOURS"])
-        if missed is None or not _waited_for(missed):
+        if missed is None or not _waited_for(missed) or not _is_mine(app, missed):
             return False
         log.info("the download window due at %s was missed; opening it now", missed.isoformat())
         open_window(pulls, app.config["QUEUE_WINDOW_MINUTES"], now)

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -91,6 +92,7 @@ class KeyRing:
         self._used: dict[int, float] = {}  # key id -> last use, not yet written
         self._written: dict[int, float] = {}  # key id -> when its last use was written
         self.greenlets = Supervisor("keys")
+        self.announce: Callable[[], None] = lambda: None  # replicas: tell the others to reload
 
     def find(self, key: str) -> KeyEntry | None:
         """The live, unexpired key, or None; notes the use for the next write."""
@@ -178,11 +180,12 @@ class KeyRing:
         db.session.add(row)
         db.session.commit()
         self.reload()
+        self.announce()
         log.info("API key %d (%s...) created for %s, role %s", row.id, row.prefix, user, role)
         return key, _view(row)
 
     def revoke(self, key_id: int) -> KeyView | None:
-        """Revoke a key at once, here; other processes notice within RELOAD_S."""
+        """Revoke a key at once, here and on replicas; other processes notice within RELOAD_S."""
         row = db.session.get(ApiKey, key_id)
         if row is None:
             return None
@@ -191,6 +194,7 @@ class KeyRing:
             db.session.commit()
             log.info("API key %d (%s...) of %s revoked", row.id, row.prefix, row.user)
         self.reload()
+        self.announce()
         return _view(row)
 
     def views(self) -> list[KeyView]:

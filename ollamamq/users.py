@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -33,6 +34,7 @@ class UserSettings:
         self.dispatcher = dispatcher
         self.budgets = budgets
         self.from_config = from_config
+        self.announce: Callable[[], None] = lambda: None  # replicas: tell the others to load
 
     def load(self) -> None:
         """Apply the config file's users, then what operators changed at runtime (it wins)."""
@@ -54,6 +56,7 @@ class UserSettings:
         db.session.add(row)
         db.session.commit()
         self._apply(user, **{k: getattr(row, k) for k in FIELDS})
+        self.announce()
         log.info("user %s: weight %s, vip %s, blocked %s", user, row.weight, row.vip, row.blocked)
         return row
 

@@ -14,9 +14,9 @@ from tests.processes import free_port, running
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A throwaway redis-server; yields its redis:// URL."""
-    port = free_port()
+def redis_server(port: int | None = None) -> Iterator[str]:
+    """A throwaway redis-server (on `port`, to restart one); yields its redis:// URL."""
+    port = port or free_port()
     command = [
         "redis-server",
         "--port",

@@ -7,7 +7,6 @@ slots, every request generated exactly once, slots back after a replica dies.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import signal
@@ -16,7 +15,6 @@ from collections.abc import Iterator
 
 import gevent
 import pytest
-import redis
 import requests
 from gevent.event import Event
 from gevent.pool import Pool
@@ -103,8 +101,7 @@ def test_a_storm_over_three_replicas_never_exceeds_any_backends_slots(
         until(lambda: group[0].health()["cluster"]["leader"], "a leader")
         pool = Pool(48)
         jobs = [
-            pool.spawn(chat, group[n % 3].url, f"user-{n % 10}", f"storm {n}")
-            for n in range(1000)
+            pool.spawn(chat, group[n % 3].url, f"user-{n % 10}", f"storm {n}") for n in range(1000)
         ]
         pool.join(timeout=120, raise_error=True)
         answers = [job.get() for job in jobs]
@@ -114,3 +111,99 @@ def test_a_storm_over_three_replicas_never_exceeds_any_backends_slots(
     generated = prompts_generated(two_fakes)
     assert sorted(generated) == sorted(f"storm {n}" for n in range(1000))  # each once
     assert all(count == 0 for count in inflight.values())
+
+
+def stream_until_killed(url: str, user: str, prompt: str, first: Event) -> list[dict]:
+    """A long stream that its replica's death may cut: the records it got."""
+    body = {"model": "llama3", "messages": [{"role": "user", "content": prompt}]}
+    records = []
+    try:
+        with requests.post(
+            f"{url}/api/chat", json=body, headers={"X-User-ID": user}, stream=True, timeout=60
+        ) as response:
+            for line in response.iter_lines():
+                records.append(json.loads(line))
+                first.set()
+    except requests.RequestException:
+        pass  # its replica died
+    return records
+
+
+@pytest.mark.parametrize("victim", ["leader", "follower"])
+def test_a_replica_killed_mid_stream_gives_its_slots_back_within_five_seconds(
+    redis_url, tmp_path, victim
+):
+    with (
+        FakeOllama(tokens=2000, token_delay=0.005) as fake,
+        replicas(redis_url, [fake], ["a", "b"], tmp_path, "--backend-parallel", "2") as group,
+    ):
+        until(lambda: group[0].health()["cluster"]["leader"], "a leader")
+        leader = group[0].health()["cluster"]["leader"].split("#")[0]
+        doomed = next(r for r in group if (r.name == leader) == (victim == "leader"))
+        survivor = next(r for r in group if r is not doomed)
+        firsts = [Event(), Event()]
+        held = [
+            gevent.spawn(stream_until_killed, doomed.url, f"u{i}", f"held {i}", firsts[i])
+            for i in range(2)
+        ]
+        for first in firsts:
+            assert first.wait(WAIT_LIMIT)
+        fake.tokens = 3  # the survivor's requests are short
+        waiting = gevent.spawn(chat, survivor.url, "late", "after the kill")
+        until(lambda: survivor.health()["queue_depth"] == 1, "the late request to queue")
+        killed_at = time.monotonic()
+        os.kill(doomed.process.pid, signal.SIGKILL)
+        records = waiting.get(timeout=WAIT_LIMIT)
+        served_after = time.monotonic() - killed_at
+        more = [chat(survivor.url, f"more-{i}", f"more {i}") for i in range(3)]
+        gevent.joinall(held, timeout=WAIT_LIMIT)
+        cluster = survivor.health()["cluster"]
+    assert records[-1]["done"] is True and all(m[-1]["done"] for m in more)
+    assert served_after < 5.0
+    assert fake.max_active == 2
+    generated = prompts_generated([fake])
+    assert len(generated) == len(set(generated)) == 6  # nothing granted twice
+    assert list(cluster["replicas"]) == [survivor.name]
+    assert cluster["leader"].startswith(survivor.name + "#")
+    assert cluster["inflight"] == {next(iter(cluster["inflight"])): 0}
+
+
+@pytest.mark.parametrize("outage", ["short", "long"])
+def test_redis_stopped_and_restarted_while_serving(tmp_path, outage):
+    """Short: streams run on and are put back. Long: each replica cuts its streams before
+    the others could take it for dead. Either way new requests get 503 meanwhile, the
+    waiting ones are served after, and no slot stays stuck."""
+    port = free_port()
+    with contextlib.ExitStack() as redis_up, FakeOllama(tokens=600, token_delay=0.005) as fake:
+        url = redis_up.enter_context(redis_server(port))
+        with replicas(url, [fake], ["a", "b"], tmp_path, "--backend-parallel", "2") as group:
+            a, b = group
+            until(lambda: a.health()["cluster"]["leader"], "a leader")
+            firsts = [Event(), Event()]
+            held = [
+                gevent.spawn(stream_until_killed, r.url, f"u{i}", f"held {i}", firsts[i])
+                for i, r in enumerate(group)
+            ]
+            for first in firsts:
+                assert first.wait(WAIT_LIMIT)
+            queued = [gevent.spawn(chat, b.url, "w", f"waiting {i}", 3) for i in range(2)]
+            until(lambda: b.health()["queue_depth"] == 2, "two requests to queue")
+            redis_up.close()  # redis-server stops
+            until(lambda: all(r.health()["status"] == "degraded" for r in group), "degraded")
+            refused = requests.post(f"{a.url}/api/chat", json={"model": "llama3"}, timeout=10)
+            if outage == "long":
+                until(lambda: all(r.health()["active"] == 0 for r in group), "streams cut")
+            redis_up.enter_context(redis_server(port))
+            until(lambda: all(r.health()["status"] == "ok" for r in group), "health ok again")
+            answers = [q.get(timeout=WAIT_LIMIT * 2) for q in queued]
+            streams = [h.get(timeout=WAIT_LIMIT) for h in held]
+            after = chat(a.url, "after", "after the outage", 3)
+            until(lambda: sum(a.health()["cluster"]["inflight"].values()) == 0, "slots free")
+    assert refused.status_code == 503 and refused.headers["Retry-After"]
+    assert "unreachable" in refused.json()["error"]
+    assert all(answer[-1]["done"] for answer in answers) and after[-1]["done"]
+    ended_well = [s[-1].get("done") is True for s in streams]
+    assert ended_well == ([True, True] if outage == "short" else [False, False])
+    assert fake.max_active == 2
+    generated = prompts_generated([fake])
+    assert len(generated) == len(set(generated)) == 5

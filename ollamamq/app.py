@@ -70,7 +70,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.extensions["ollamamq"] = dispatcher
     app.extensions["ollamamq.pulls"] = pulls
     app.extensions["ollamamq.claim"] = getattr(dispatcher, "claim", lambda _name: True)
-    budgets = init_budgets(app)
+    shared = dispatcher.ledger.redis if isinstance(dispatcher, SharedDispatcher) else None
+    budgets = init_budgets(app, shared)
     app.extensions["ollamamq.users"] = UserSettings(dispatcher, budgets, app.config["USERS"])
     app.extensions["ollamamq.scheduler"] = scheduler = init_scheduler(app, pulls)
     app.extensions["ollamamq.scheduler_keeper"] = SchedulerKeeper(scheduler)

@@ -3,7 +3,8 @@
 Tokens are weighted as fairness weighs them (input + OUTPUT_WEIGHT x output) and counted
 from what each finished request was charged: the backend's own figures, else what was
 streamed. Periods are UTC days and months. The counts live in memory and reach the
-database every few seconds and at stop, so a restart does not reset them.
+database every few seconds and at stop, so a restart does not reset them. Replicas count
+in Redis instead (one hash per period), so a budget spent through one is spent on all.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
 
+import redis
 from flask import Flask, current_app
 from limits import RateLimitItemPerMinute
 from sqlalchemy import select
@@ -32,6 +34,7 @@ BUDGETS_KEY = "ollamamq.budgets"
 WRITE_S = 5.0  # how often counted tokens reach the database
 DAY_S = 86400  # UTC days have no leap seconds in epoch time
 LIMITS = ("requests_per_minute", "tokens_per_day", "tokens_per_month")
+SHARED_TTL_S = 40 * DAY_S  # a month's shared count outlives its month by some days
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,15 @@ class Budgets:
     out. Nothing yields between reading and writing the counts.
     """
 
-    def __init__(self, app: Flask, defaults: Limits, output_weight: float) -> None:
+    def __init__(
+        self,
+        app: Flask,
+        defaults: Limits,
+        output_weight: float,
+        shared: redis.Redis | None = None,
+    ) -> None:
         self.app = app
+        self.shared = shared  # replicas: the counts of record are in Redis
         self.defaults = defaults
         self.output_weight = output_weight
         self.limits: dict[str, Limits] = {}  # users with limits of their own
@@ -112,7 +122,10 @@ class Budgets:
 
     def _check_tokens(self, user: str, limits: Limits) -> None:
         now = self.clock()  # only with a token budget: the hot path reads no calendar
-        for name, (key, ends) in periods(now).items():
+        current = periods(now)
+        if self.shared is not None:
+            self._read_shared(user, [key for key, _ in current.values()])
+        for name, (key, ends) in current.items():
             limit = getattr(limits, f"tokens_per_{name}")
             used = self.used.get((user, key), 0.0)
             if limit is not None and used >= limit:
@@ -132,8 +145,40 @@ class Budgets:
         if not cost:
             return
         for key, _ in periods(self.clock()).values():
-            self.used[(record.user, key)] = self.used.get((record.user, key), 0.0) + cost
-            self._dirty.add((record.user, key))
+            counted = (record.user, key)
+            before = self.used.get(counted, 0.0)
+            self.used[counted] = self._add_shared(counted, before, cost) or before + cost
+            self._dirty.add(counted)
+
+    def _read_shared(self, user: str, keys: list[str]) -> None:
+        """This user's counts as all replicas spent them; ours alone if Redis cannot say."""
+        pipe = self.shared.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(_shared_key(key), user)
+        try:
+            values = pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("token budgets: Redis unreachable, counting here only: %s", exc)
+            return
+        for key, value in zip(keys, values, strict=True):
+            if value is not None:
+                self.used[(user, key)] = float(value)
+
+    def _add_shared(self, counted: tuple[str, str], before: float, cost: float) -> float | None:
+        """Add `cost` in Redis, the total after; a lost count (Redis restarted) starts
+        from ours."""
+        if self.shared is None:
+            return None
+        user, key = counted
+        pipe = self.shared.pipeline(transaction=False)
+        pipe.hsetnx(_shared_key(key), user, before)
+        pipe.hincrbyfloat(_shared_key(key), user, cost)
+        pipe.expire(_shared_key(key), SHARED_TTL_S)
+        try:
+            return float(pipe.execute()[1])
+        except redis.RedisError as exc:
+            log.warning("token budgets: Redis unreachable, counting here only: %s", exc)
+            return None
 
     def usage(self, user: str) -> dict[str, float]:
         """Tokens counted this day and month."""
@@ -173,14 +218,18 @@ class Budgets:
         return self.greenlets.health_problem()
 
 
-def init_budgets(app: Flask) -> Budgets:
+def _shared_key(period: str) -> str:
+    return f"ollamamq:tokens:{period}"
+
+
+def init_budgets(app: Flask, shared: redis.Redis | None = None) -> Budgets:
     config = app.config
     defaults = Limits(
         config["DEFAULT_REQUESTS_PER_MINUTE"],
         config["DEFAULT_TOKENS_PER_DAY"],
         config["DEFAULT_TOKENS_PER_MONTH"],
     )
-    budgets = app.extensions[BUDGETS_KEY] = Budgets(app, defaults, config["OUTPUT_WEIGHT"])
+    budgets = app.extensions[BUDGETS_KEY] = Budgets(app, defaults, config["OUTPUT_WEIGHT"], shared)
     return budgets
 
 

@@ -24,6 +24,9 @@ from tests.fake_ollama import FakeOllama
 from tests.processes import free_port, ollamamq, running
 from tests.real_servers import redis_server
 
+ADMIN_PASSWORD = "cluster-admin"
+ADMIN = {"Authorization": f"Bearer {ADMIN_PASSWORD}"}
+
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 
 
@@ -43,7 +46,7 @@ def replicas(
 ) -> Iterator[list[Replica]]:
     """Replicas started one after another (the schema is made once), stopped at the end."""
     backends = [a for fake in fakes[1:] for a in ("-o", fake.url)]
-    env = {"DB_PATH": str(tmp_path / "shared.db"), "OLLAMAMQ_ADMIN_PASSWORD": ""}
+    env = {"DB_PATH": str(tmp_path / "shared.db"), "OLLAMAMQ_ADMIN_PASSWORD": ADMIN_PASSWORD}
     with contextlib.ExitStack() as stack:
         started = []
         for name in names:
@@ -207,3 +210,45 @@ def test_redis_stopped_and_restarted_while_serving(tmp_path, outage):
     assert fake.max_active == 2
     generated = prompts_generated([fake])
     assert len(generated) == len(set(generated)) == 5
+
+
+def status_within(url: str, headers: dict, expected: int, limit: float = 1.0) -> None:
+    """Short chats through `url` until one is answered `expected`, within `limit` s."""
+    body = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    with gevent.Timeout(limit, AssertionError(f"{url} did not answer {expected} in {limit} s")):
+        while requests.post(f"{url}/api/chat", json=body, headers=headers).status_code != expected:
+            gevent.sleep(0.01)
+
+
+def test_a_block_a_spent_budget_and_a_revoked_key_on_one_replica_hold_on_the_other(
+    redis_url, tmp_path
+):
+    with (
+        FakeOllama(tokens=5) as fake,
+        replicas(redis_url, [fake], ["a", "b"], tmp_path) as (a, b),
+    ):
+        ana, bo = {"X-User-ID": "ana"}, {"X-User-ID": "bo"}
+        status_within(a.url, ana, 200)  # the admin of a blocks users a has seen
+        status_within(b.url, ana, 200)
+        admin_api = f"{a.url}/admin/api"
+        requests.post(f"{admin_api}/users/ana/block", headers=ADMIN).raise_for_status()
+        status_within(b.url, ana, 403)
+        requests.post(f"{admin_api}/users/ana/unblock", headers=ADMIN).raise_for_status()
+        status_within(b.url, ana, 200)
+
+        limit = {"tokens_per_day": 20}
+        requests.post(
+            f"{admin_api}/users/bo/settings", json=limit, headers=ADMIN
+        ).raise_for_status()
+        status_within(b.url, bo, 200)  # b knows the limit, bo has spent little
+        status_within(a.url, bo, 429, limit=10)  # spent through a, 5 tokens at a time
+        status_within(b.url, bo, 429)
+
+        kim_key = {"user": "kim", "role": "user"}
+        created = requests.post(f"{admin_api}/keys", json=kim_key, headers=ADMIN).json()
+        kim = {"Authorization": f"Bearer {created['key']}"}
+        status_within(b.url, {}, 401)  # b wants a key from now on, as a does
+        status_within(b.url, kim, 200)
+        key_id = created["entry"]["id"]
+        requests.post(f"{admin_api}/keys/{key_id}/revoke", headers=ADMIN).raise_for_status()
+        status_within(b.url, kim, 401)

@@ -64,10 +64,12 @@ def next_run(scheduler: APScheduler) -> datetime | None:
     return when.astimezone(UTC).replace(tzinfo=None) if when else None
 
 
-def run_download_window(app: Flask, pulls: PullService) -> None:
+def run_download_window(app: Flask, pulls: PullService, now: datetime | None = None) -> None:
     """The off-peak window opens: process every pending download (on one replica only)."""
-    now = datetime.now(UTC)
-    if not _is_mine(app, now):
+    now = now or datetime.now(UTC)
+    trigger = app.extensions["ollamamq.scheduler"].get_job(DOWNLOADS_JOB).trigger
+    due = missed_opening(trigger, None, now, hours=1) or now  # a replica may fire late
+    if not _is_mine(app, due):
         return
     log.info("download window opens")
     with app.app_context():
@@ -75,7 +77,7 @@ def run_download_window(app: Flask, pulls: PullService) -> None:
 
 
 def _is_mine(app: Flask, opening: datetime) -> bool:
-    """Whether this process opens the window due at `opening` (several replicas share it)."""
+    """Whether this process opens the window due at `opening`: replicas claim it in Redis."""
     minute = opening.astimezone(UTC).strftime("%Y-%m-%dT%H:%M")
     if app.extensions["ollamamq.claim"](f"window:{minute}"):
         return True

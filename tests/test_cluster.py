@@ -12,14 +12,19 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
+import flask_migrate
 import gevent
 import pytest
 import requests
 from gevent.event import Event
 from gevent.pool import Pool
 
-from tests.conftest import WAIT_LIMIT
+from ollamamq import create_app
+from ollamamq.app import MIGRATIONS
+from ollamamq.jobs import run_download_window
+from tests.conftest import WAIT_LIMIT, settings
 from tests.fake_ollama import FakeOllama
 from tests.processes import free_port, ollamamq, running
 from tests.real_servers import redis_server
@@ -252,3 +257,23 @@ def test_a_block_a_spent_budget_and_a_revoked_key_on_one_replica_hold_on_the_oth
         key_id = created["entry"]["id"]
         requests.post(f"{admin_api}/keys/{key_id}/revoke", headers=ADMIN).raise_for_status()
         status_within(b.url, kim, 401)
+
+
+def test_the_download_window_opens_once_with_three_replicas(redis_url, tmp_path, monkeypatch):
+    """Each replica's scheduler fires, one a few minutes late: one of them opens the window."""
+    database = f"sqlite:///{tmp_path / 'shared.db'}"
+    opened = []
+    apps = []
+    for name in "abc":
+        config = {"REDIS_URL": redis_url, "REPLICA_ID": name, "QUEUE_TIMEZONE": "UTC"}
+        app = create_app(settings([], SQLALCHEMY_DATABASE_URI=database, **config))
+        pulls = app.extensions["ollamamq.pulls"]
+        monkeypatch.setattr(pulls, "open_window", lambda _minutes, by=name: opened.append(by))
+        apps.append(app)
+    with apps[0].app_context():
+        flask_migrate.upgrade(directory=MIGRATIONS)
+    for night in (datetime(2030, 6, 15, 3, tzinfo=UTC), datetime(2030, 6, 16, 3, tzinfo=UTC)):
+        for app, late_s in zip(apps, (1, 40, 300), strict=True):
+            now = night + timedelta(seconds=late_s)
+            run_download_window(app, app.extensions["ollamamq.pulls"], now)
+    assert opened == ["a", "a"]  # the first to fire, once each night

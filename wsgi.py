@@ -1,13 +1,20 @@
-"""For `gunicorn -k gevent -w 1 wsgi:app`: one worker, because the queues live in its memory."""
+"""For `gunicorn -k gevent wsgi:app`: one worker, or `-w N` with REDIS_URL set.
+
+Without REDIS_URL the queues live in the worker's memory, so N workers would be N separate
+queues, each granting every backend's slots: gunicorn.conf.py refuses to start them. With
+it, every worker is a replica of one fair queue (cluster.py).
+"""
 
 import signal
 
 from ollamamq import create_app, start_services  # patches gevent first
+from ollamamq.app import replica_of
 from ollamamq.cli import setup_logging
 from ollamamq.shutdown import Drain
 
 app = create_app()
-setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FILE"])
+config = app.config
+setup_logging(config["LOG_LEVEL"], config["LOG_FILE"], config["LOG_FORMAT"], replica_of(app))
 start_services(app)
 
 

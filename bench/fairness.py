@@ -1,10 +1,13 @@
 """One heavy user and four light ones, under `requests` and under `tokens` fairness.
 
-    python -m bench.fairness [--quick] [--seconds 20] [--slots 1] [--backends 1] [--json FILE]
+    python -m bench.fairness [--quick] [--seconds 20] [--slots 1] [--backends 1] [--replicas 1]
+                             [--json FILE]
 
 Fake backends whose generation time grows with the tokens asked for sit behind a proxy
 started afresh for each mode. Every user keeps a fixed number of streamed chats outstanding
-(closed loop), so by default every user is backlogged all the time; the load runs through a warm-up,
+(closed loop), so by default every user is backlogged all the time. With --replicas N, N
+proxies share one queue through a redis-server: the heavy user goes through the first, the
+light ones through the others. The load runs through a warm-up,
 the measured window and a short tail, and tokens count in proportion to the slot time
 they took inside the window. Targets: Jain's index ≥ 0.95 on token service under `tokens`;
 light users' p95 queue wait at most one heavy request's duration; `tokens` throughput
@@ -27,6 +30,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -43,6 +47,7 @@ from bench import servers
 from bench.client import READ_SIZE, TAIL_BYTES, chat, connect, percentile
 from bench.report import number
 from bench.servers import Server
+from tests.real_servers import redis_server
 
 log = logging.getLogger("bench.fairness")
 
@@ -164,6 +169,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="seconds before the window (2; --quick 1)")
     p.add_argument("--slots", type=int, default=1, help="slots per backend (1)")
     p.add_argument("--backends", type=int, default=1, help="fake backends (1)")
+    p.add_argument(
+        "--replicas", type=int, default=1, help="proxies sharing one queue through Redis (1)"
+    )
     p.add_argument("--token-delay", type=float, default=0.002, help="seconds a token (0.002)")
     p.add_argument("--heavy-outstanding", type=int, default=10, help="heavy requests kept (10)")
     p.add_argument("--heavy-tokens", type=int, default=200, help="tokens a heavy answer (200)")
@@ -199,8 +207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.light_outstanding is None:
         args.light_outstanding = 1 if args.scenario == "rotating" else 2
     args.modes = [m for m in MODES if m in args.modes.split(",")]
-    if not args.modes or min(args.slots, args.backends, args.seconds) <= 0:
-        p.error("need a known mode, and positive --slots, --backends and --seconds")
+    if not args.modes or min(args.slots, args.backends, args.replicas, args.seconds) <= 0:
+        p.error("need a known mode, and positive --slots, --backends, --replicas, --seconds")
     return args
 
 
@@ -324,7 +332,15 @@ def crashed(greenlet: gevent.Greenlet) -> None:
     log.error("%s died: %r", greenlet.name, greenlet.exception)
 
 
-def load(url: str, users: list[User], args: argparse.Namespace) -> dict[str, Track]:
+def entry(urls: list[str], index: int) -> str:
+    """The proxy user `index` goes through: the first user (heavy) the first, the others
+    the rest in turn; everyone the only one if there is one."""
+    if index == 0 or len(urls) == 1:
+        return urls[0]
+    return urls[1 + (index - 1) % (len(urls) - 1)]
+
+
+def load(urls: list[str], users: list[User], args: argparse.Namespace) -> dict[str, Track]:
     """Every user's greenlets, through warm-up, window and tail, then killed mid-request.
 
     The tail lets the requests holding a slot at the window's end finish, so that the part
@@ -336,7 +352,8 @@ def load(url: str, users: list[User], args: argparse.Namespace) -> dict[str, Tra
     tracks = {user.name: Track(window) for user in users}
     group = Group()
     try:
-        for user in users:
+        for index, user in enumerate(users):
+            url = entry(urls, index)
             for i in range(user.outstanding):
                 name = f"fairness-{user.name}-{i}"
                 api = "openai" if args.scenario == "usageless" else "ollama"
@@ -504,21 +521,49 @@ def create_key(proxy: Server, user: str) -> str:
     return made.stdout.split()[-1]
 
 
+def start_proxies(
+    stack: ExitStack, backend: str, slots: int, extra: list[str], replicas: int
+) -> list[Server]:
+    """One proxy, or `replicas` sharing a redis-server and a database, stopped with `stack`."""
+    if replicas == 1:
+        return [_started(stack, servers.start_proxy(backend, slots, extra))]
+    redis_url = stack.enter_context(redis_server())
+    database = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "shared.db"
+    return [
+        _started(
+            stack,
+            servers.start_proxy(
+                backend,
+                slots,
+                [*extra, "--redis-url", redis_url, "--replica-id", f"r{n}"],
+                name=f"proxy{n}",
+                database=database,
+            ),
+        )
+        for n in range(replicas)  # one after another: the first makes the schema
+    ]
+
+
+def _started(stack: ExitStack, proxy: Server) -> Server:
+    stack.callback(servers.remove_logs, [proxy])
+    stack.callback(servers.stop, proxy)
+    return proxy
+
+
 def run_mode(mode: str, fakes: list[Server], args: argparse.Namespace) -> dict[str, Any]:
     """A fresh proxy in `mode` in front of the fakes, loaded for the warm-up and the window."""
     users = users_of(args)
     extra = [arg for fake in fakes[1:] for arg in ("-o", fake.url)]
     extra += ["--fairness", mode, "--max-queue-per-user", str(MAX_QUEUE)]
     with ExitStack() as stack:
-        proxy = servers.start_proxy(fakes[0].url, args.slots, extra)
-        stack.callback(servers.remove_logs, [proxy])
-        stack.callback(servers.stop, proxy)
+        proxies = start_proxies(stack, fakes[0].url, args.slots, extra, args.replicas)
+        proxy = proxies[0]
         if args.keys:
             users = [replace(u, key=create_key(proxy, u.name)) for u in users]
             gevent.sleep(KEY_RELOAD_WAIT)  # the proxy reads new keys every second
-        tracks = load(proxy.url, users, args)
+        tracks = load([p.url for p in proxies], users, args)
         counters = proxy_users(proxy.url)
-        problems = exceptions(proxy)
+        problems = [line for p in proxies for line in exceptions(p)]
     result = summarize(users, tracks, args.seconds)
     return result | {"proxy_users": counters, "proxy_problems": problems[:10]}
 
@@ -621,7 +666,7 @@ so prompt tokens would credit the mode that serves more requests"""
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     """The markdown tables and notes; the raw numbers to --json."""
-    backends = f"{args.backends} backend(s) × {args.slots} slot(s)"
+    backends = f"{args.backends} backend(s) × {args.slots} slot(s), {args.replicas} proxies"
     for mode, result in results["modes"].items():
         print(f"\n### `{mode}` fairness: {args.seconds:g} s window, {backends}\n")
         print(user_table(result))

@@ -86,9 +86,17 @@ def start_fake(
 
 
 def start_proxy(
-    backend: str, parallel: int, extra: list[str], profile: str = "", name: str = "proxy"
+    backend: str,
+    parallel: int,
+    extra: list[str],
+    profile: str = "",
+    name: str = "proxy",
+    database: Path | None = None,
 ) -> Server:
-    """Start `python -m ollamamq` on a free port, optionally under cProfile; wait until up."""
+    """Start `python -m ollamamq` on a free port, optionally under cProfile; wait until up.
+
+    Its database is a fresh one in its working directory unless replicas share `database`.
+    """
     port = free_port()
     log_path = log_file(name)
     runner = ["-m", "cProfile", "-o", str(Path(profile).resolve())] if profile else []
@@ -96,7 +104,7 @@ def start_proxy(
     command += ["-o", backend, "--no-tui", "--log-file", "", "--log-level", "WARNING"]
     command += ["--backend-parallel", str(parallel), *extra]
     workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
-    database = workdir / "ollamamq.db"  # a fresh one, never the repository's
+    database = database or workdir / "ollamamq.db"  # never the repository's
     env = os.environ | {"DB_PATH": str(database), "DATABASE_URL": f"sqlite:///{database}"}
     with log_path.open("wb") as err:
         proc = subprocess.Popen(

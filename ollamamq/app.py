@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,12 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     return app
 
 
+def replica_of(app: Flask) -> str:
+    """This process's name in a shared queue; "" when it serves alone."""
+    dispatcher = app.extensions["ollamamq"]
+    return dispatcher.replica if isinstance(dispatcher, SharedDispatcher) else ""
+
+
 def _share_changes(app: Flask, dispatcher: SharedDispatcher) -> None:
     """A user blocked or a key revoked on one replica applies on all, through Redis."""
     users, ring = app.extensions["ollamamq.users"], app.extensions[RING_KEY]
@@ -100,6 +108,9 @@ def _share_changes(app: Flask, dispatcher: SharedDispatcher) -> None:
     dispatcher.on_change("keys", ring.reload)
     users.announce = functools.partial(dispatcher.announce, "users")
     ring.announce = functools.partial(dispatcher.announce, "keys")
+
+
+MIGRATE_LOCK_S = 60.0  # longest a replica may take to bring the schema up to date
 
 
 class CookieSessionOnDemand(SecureCookieSessionInterface):
@@ -140,20 +151,40 @@ def start_services(app: Flask) -> None:
 
     Call it in the serving process (after any fork).
     """
+    dispatcher: Dispatcher = app.extensions["ollamamq"]
     with app.app_context():
         if app.config["APPLY_MIGRATIONS"]:
-            flask_migrate.upgrade(directory=MIGRATIONS)
+            with _one_at_a_time(dispatcher):
+                flask_migrate.upgrade(directory=MIGRATIONS)
         app.extensions["ollamamq.pulls"].recover()
         app.extensions["ollamamq.budgets"].load()
         app.extensions["ollamamq.networks"].load()
         app.extensions["ollamamq.users"].load()
     app.extensions["ollamamq.keys"].start()
     app.extensions["ollamamq.budgets"].start()
-    dispatcher: Dispatcher = app.extensions["ollamamq"]
     _start_dispatcher(dispatcher)
     dispatcher.pool.start(on_change=dispatcher.wake)
     app.extensions["ollamamq.scheduler_keeper"].start()
     catch_up(app, app.extensions["ollamamq.pulls"], datetime.now(UTC))
+
+
+@contextlib.contextmanager
+def _one_at_a_time(dispatcher: Dispatcher) -> Iterator[None]:
+    """Replicas (gunicorn's workers) starting together migrate the schema one by one."""
+    if not isinstance(dispatcher, SharedDispatcher):
+        yield
+        return
+    lock = dispatcher.ledger.lock("migrate", MIGRATE_LOCK_S)
+    try:
+        held = lock.acquire()  # False after MIGRATE_LOCK_S: its holder is stuck, go on
+    except redis.RedisError as exc:
+        raise SharedQueueUnreachable(f"cannot reach Redis (REDIS_URL): {exc}") from exc
+    try:
+        yield
+    finally:
+        if held:
+            with contextlib.suppress(redis.RedisError):
+                lock.release()
 
 
 def _start_dispatcher(dispatcher: Dispatcher) -> None:

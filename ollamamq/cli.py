@@ -23,6 +23,7 @@ from .app import (
     MIGRATIONS,
     SharedQueueUnreachable,
     create_app,
+    replica_of,
     start_services,
     stop_services,
 )
@@ -221,12 +222,17 @@ class JsonFormatter(logging.Formatter):
     An access line's message is already a JSON object: its keys join the record's.
     """
 
+    def __init__(self, replica: str = "") -> None:
+        super().__init__()
+        self.replica = {"replica": replica} if replica else {}
+
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         entry = {
             "time": self.formatTime(record),
             "level": record.levelname,
             "logger": record.name,
+            **self.replica,
         }
         if record.name == "ollamamq.access" and message.startswith("{"):
             entry |= json.loads(message)
@@ -241,15 +247,19 @@ class JsonFormatter(logging.Formatter):
         return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def setup_logging(level: str, log_file: str, log_format: str = "text") -> None:
-    """Log to stderr and, unless empty, to `log_file`, reopened when logrotate moves it."""
+def setup_logging(level: str, log_file: str, log_format: str = "text", replica: str = "") -> None:
+    """Log to stderr and, unless empty, to `log_file`, reopened when logrotate moves it.
+
+    A replica of a shared queue names itself on every line: their logs are read together.
+    """
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         handlers.append(WatchedFileHandler(log_file))  # notices a rotated file: no SIGHUP needed
     if log_format == "json":
-        formatter: logging.Formatter = JsonFormatter()
+        formatter: logging.Formatter = JsonFormatter(replica)
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        named = f"[{replica.replace('%', '%%')}] " if replica else ""
+        formatter = logging.Formatter(f"%(asctime)s %(levelname)s {named}%(name)s: %(message)s")
     for handler in handlers:
         handler.setFormatter(formatter)
     logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
@@ -341,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(top.main(args.url, args.password, args.interval))
     app = create_app(overrides_from(args))
-    setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FILE"], app.config["LOG_FORMAT"])
+    config = app.config
+    setup_logging(config["LOG_LEVEL"], config["LOG_FILE"], config["LOG_FORMAT"], replica_of(app))
     if args.command == "downloads":
         if args.action == "remove" and not args.model:
             parser.error("downloads remove needs a MODEL")

@@ -266,6 +266,10 @@ class Ledger:
         """Whether `holder` is the first to claim `name` (a scheduled run, say) in `ttl_s`."""
         return bool(self.redis.set(key(f"claim:{name}"), holder, nx=True, ex=int(ttl_s)))
 
+    def lock(self, name: str, timeout_s: float) -> redis.lock.Lock:
+        """A lock across replicas, freed after `timeout_s` if its holder dies."""
+        return self.redis.lock(key(f"lock:{name}"), timeout=timeout_s, blocking_timeout=timeout_s)
+
     def publish(self, topic: str) -> None:
         self.redis.publish(key("changed"), topic)
 

@@ -73,6 +73,7 @@ def fetch(conn: HTTPConnection, path: str, body: bytes, user: str) -> Reply:
                 ttfb = time.perf_counter() - started
             records += data.count(b"\n")
             tail = (tail + data)[-TAIL_BYTES:]
+        response.read()  # read1() leaves a Content-Length body at its end unclosed
     except (OSError, HTTPException) as exc:
         conn.close()
         return Reply(0, False, time.perf_counter() - started, None, 0, None, repr(exc))

@@ -156,7 +156,8 @@ def start_services(app: Flask) -> None:
         if app.config["APPLY_MIGRATIONS"]:
             with _one_at_a_time(dispatcher):
                 flask_migrate.upgrade(directory=MIGRATIONS)
-        app.extensions["ollamamq.pulls"].recover()
+        if _serves_alone(dispatcher):  # else the downloads marked running are others'
+            app.extensions["ollamamq.pulls"].recover()
         app.extensions["ollamamq.budgets"].load()
         app.extensions["ollamamq.networks"].load()
         app.extensions["ollamamq.users"].load()
@@ -185,6 +186,16 @@ def _one_at_a_time(dispatcher: Dispatcher) -> Iterator[None]:
         if held:
             with contextlib.suppress(redis.RedisError):
                 lock.release()
+
+
+def _serves_alone(dispatcher: Dispatcher) -> bool:
+    """No other replica is alive (or there are no replicas)."""
+    if not isinstance(dispatcher, SharedDispatcher):
+        return True
+    try:
+        return not set(dispatcher.ledger.replicas()) - {dispatcher.replica}
+    except redis.RedisError as exc:
+        raise SharedQueueUnreachable(f"cannot reach Redis (REDIS_URL): {exc}") from exc
 
 
 def _start_dispatcher(dispatcher: Dispatcher) -> None:

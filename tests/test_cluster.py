@@ -21,13 +21,16 @@ import pytest
 import requests
 from gevent.event import Event
 from gevent.pool import Pool
+from sqlalchemy import select
 
 from bench import fairness
 from bench.servers import start_fake
 from bench.servers import stop as stop_server
 from ollamamq import create_app
 from ollamamq.app import MIGRATIONS
+from ollamamq.extensions import db
 from ollamamq.jobs import run_download_window
+from ollamamq.models import DOWNLOADING, PENDING, PullJob
 from tests.conftest import WAIT_LIMIT, settings
 from tests.fake_ollama import FakeOllama
 from tests.processes import BIN, ROOT, free_port, ollamamq, running
@@ -360,3 +363,26 @@ def test_gunicorn_refuses_several_workers_without_redis():
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=30)
     assert done.returncode != 0
     assert b"2 workers without REDIS_URL would be 2 separate queues" in done.stderr
+
+
+def test_a_replica_starting_beside_a_live_one_leaves_its_download_running(redis_url, tmp_path):
+    """A start marks the downloads left running as pending again, unless they are another
+    live replica's."""
+    database = f"sqlite:///{tmp_path / 'shared.db'}"
+    with FakeOllama() as fake:
+        app = create_app(settings([fake.url], SQLALCHEMY_DATABASE_URI=database))
+
+        def status() -> str:
+            with app.app_context():
+                return db.session.scalar(select(PullJob.status))
+
+        with replicas(redis_url, [fake], ["a"], tmp_path):
+            with app.app_context():
+                job = PullJob(model="llama3:70b", status=DOWNLOADING, requested_by="127.0.0.1")
+                db.session.add(job)
+                db.session.commit()
+            with replicas(redis_url, [fake], ["b"], tmp_path):
+                beside_a = status()
+        with replicas(redis_url, [fake], ["c"], tmp_path):
+            alone = status()
+    assert (beside_a, alone) == (DOWNLOADING, PENDING)

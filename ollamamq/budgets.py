@@ -101,6 +101,7 @@ class Budgets:
         self.limits: dict[str, Limits] = {}  # users with limits of their own
         self.used: dict[tuple[str, str], float] = {}  # (user, period key) -> weighted tokens
         self._dirty: set[tuple[str, str]] = set()
+        self._unshared: dict[tuple[str, str], float] = {}  # counted here, not yet in Redis
         self.greenlets = Supervisor("budgets")
         self.clock = time.time  # tests freeze it
 
@@ -146,9 +147,16 @@ class Budgets:
             return
         for key, _ in periods(self.clock()).values():
             counted = (record.user, key)
-            before = self.used.get(counted, 0.0)
-            self.used[counted] = self._add_shared(counted, before, cost) or before + cost
+            self.used[counted] = self.used.get(counted, 0.0) + cost
             self._dirty.add(counted)
+            if self.shared is not None:
+                self._unshared[counted] = self._unshared.get(counted, 0.0) + cost
+        if self.shared is not None and self._has_token_budget(record.user):
+            self.share()  # at once: the other replicas must see a budget spent
+
+    def _has_token_budget(self, user: str) -> bool:
+        limits = self.limits_of(user)
+        return limits.tokens_per_day is not None or limits.tokens_per_month is not None
 
     def _read_shared(self, user: str, keys: list[str]) -> None:
         """This user's counts as all replicas spent them; ours alone if Redis cannot say."""
@@ -164,21 +172,26 @@ class Budgets:
             if value is not None:
                 self.used[(user, key)] = float(value)
 
-    def _add_shared(self, counted: tuple[str, str], before: float, cost: float) -> float | None:
-        """Add `cost` in Redis, the total after; a lost count (Redis restarted) starts
-        from ours."""
-        if self.shared is None:
-            return None
-        user, key = counted
+    def share(self) -> None:
+        """Add what this replica counted since last time to the counts in Redis, and take
+        their totals; a count Redis lost (a restart) starts again from ours."""
+        pending, self._unshared = self._unshared, {}
+        if not pending:
+            return
         pipe = self.shared.pipeline(transaction=False)
-        pipe.hsetnx(_shared_key(key), user, before)
-        pipe.hincrbyfloat(_shared_key(key), user, cost)
-        pipe.expire(_shared_key(key), SHARED_TTL_S)
+        for (user, key), cost in pending.items():
+            pipe.hsetnx(_shared_key(key), user, self.used[(user, key)] - cost)
+            pipe.hincrbyfloat(_shared_key(key), user, cost)
+            pipe.expire(_shared_key(key), SHARED_TTL_S)
         try:
-            return float(pipe.execute()[1])
+            totals = pipe.execute()[1::3]
         except redis.RedisError as exc:
-            log.warning("token budgets: Redis unreachable, counting here only: %s", exc)
-            return None
+            log.warning("token budgets: Redis unreachable, counting here for now: %s", exc)
+            for counted, cost in pending.items():
+                self._unshared[counted] = self._unshared.get(counted, 0.0) + cost
+            return
+        for counted, total in zip(pending, totals, strict=True):
+            self.used[counted] = float(total)
 
     def usage(self, user: str) -> dict[str, float]:
         """Tokens counted this day and month."""
@@ -192,7 +205,9 @@ class Budgets:
             self.used[(row.user, row.period)] = row.tokens
 
     def write(self) -> None:
-        """Store the counts changed since the last write."""
+        """Store the counts changed since the last write (the shared totals, for replicas)."""
+        if self.shared is not None:
+            self.share()
         dirty, self._dirty = self._dirty, set()
         if not dirty:
             return

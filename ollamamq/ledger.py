@@ -220,10 +220,20 @@ class Ledger:
     # -- a replica's ---------------------------------------------------------------------------
 
     def send(self, ops: list[Op]) -> None:
-        """Run `ops` in order, in one round trip."""
+        """Run `ops` in order, in one round trip; all again, in order, after Redis lost the
+        scripts (a restart): each is safe to run twice."""
+        try:
+            self._send(ops)
+        except redis.exceptions.NoScriptError:
+            for script in self._scripts.values():
+                self.redis.script_load(script.script)
+            self._send(ops)
+
+    def _send(self, ops: list[Op]) -> None:
+        # EVALSHA itself: a pipeline of Script objects asks SCRIPT EXISTS first, every time.
         pipe = self.redis.pipeline(transaction=False)
         for op in ops:
-            self._scripts[op.script](keys=op.keys, args=op.args, client=pipe)
+            pipe.evalsha(self._scripts[op.script].sha, len(op.keys), *op.keys, *op.args)
         pipe.execute()
 
     def next_grant(self, replica: str, timeout: float) -> tuple[str, str] | None:

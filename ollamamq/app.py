@@ -104,10 +104,11 @@ def _share_changes(app: Flask, dispatcher: SharedDispatcher) -> None:
             users.load()
             db.session.remove()
 
-    dispatcher.on_change("users", reload_users)
-    dispatcher.on_change("keys", ring.reload)
-    users.announce = functools.partial(dispatcher.announce, "users")
-    ring.announce = functools.partial(dispatcher.announce, "keys")
+    notices = dispatcher.notices
+    notices.on_change("users", reload_users)
+    notices.on_change("keys", ring.reload)
+    users.announce = functools.partial(notices.announce, "users")
+    ring.announce = functools.partial(notices.announce, "keys")
 
 
 MIGRATE_LOCK_S = 60.0  # longest a replica may take to bring the schema up to date

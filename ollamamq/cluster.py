@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 
 import gevent
 import redis
@@ -25,6 +26,7 @@ from .dispatcher import Dispatcher
 from .fairshare import FairQueue
 from .leader import Leader
 from .ledger import Active, Ledger, Op, cancel_op, release_op, submit_op
+from .notices import Notices
 from .ticket import ACTIVE, DRAINED, WAITING, Ticket
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ class SharedDispatcher(Dispatcher):
         self.leader: Leader | None = None
         self.redis_error: str | None = None
         self._tickets: dict[str, Ticket] = {}  # this replica's, waiting or active
-        self._reloads: dict[str, Callable[[], None]] = {}  # topic -> reload, see on_change()
+        self.notices = Notices(ledger, self._lost)  # settings changed on any replica
         self._outbox: list[Op] = []
         self._has_mail = Event()
         self._epoch: str | None = None
@@ -89,7 +91,8 @@ class SharedDispatcher(Dispatcher):
         self.greenlets.loop("grants", self._receive_grants)
         self.greenlets.loop("outbox", self._send_outbox)
         self.greenlets.every("heartbeat", BEAT_S, self._heartbeat)
-        self.greenlets.loop("changes", self._listen)
+        heard = partial(self.greenlets.recovered, "changes")
+        self.greenlets.loop("changes", self.notices.listen, heard)
         log.info("replica %s joined the shared queue at %s", self.replica, self.ledger.url)
 
     def stop(self) -> None:
@@ -193,44 +196,6 @@ class SharedDispatcher(Dispatcher):
                 "replica %s: Redis cannot say who runs %s; running it: %s", self.replica, name, exc
             )
             return True
-
-    # -- settings changed on any replica ----------------------------------------------------
-
-    def on_change(self, topic: str, reload: Callable[[], None]) -> None:
-        """Call `reload` whenever a replica announces a change to `topic` (users, keys)."""
-        self._reloads[topic] = reload
-
-    def announce(self, topic: str) -> None:
-        """Tell every replica (this one too) that `topic` changed in the database."""
-        try:
-            self.ledger.publish(topic)
-        except redis.RedisError as exc:
-            self._lost(exc)  # the others reload everything once they hear Redis again
-
-    def _listen(self) -> None:
-        while True:
-            try:
-                self._hear_changes()
-            except redis.RedisError as exc:
-                self._lost(exc)
-                gevent.sleep(RETRY_S)
-
-    def _hear_changes(self) -> None:
-        changes = self.ledger.listen()
-        try:
-            self._reload_all()  # whatever changed while we could not hear
-            while True:
-                message = changes.get_message(timeout=GRANT_WAIT_S)
-                reload = self._reloads.get(message["data"].decode()) if message else None
-                if reload is not None:
-                    reload()
-                self.greenlets.recovered("changes")
-        finally:
-            changes.close()
-
-    def _reload_all(self) -> None:
-        for reload in self._reloads.values():
-            reload()
 
     # -- grants ------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 
 from .accesslog import Finished
 from .auth import bearer, is_admin, is_loopback
+from .cluster import SharedDispatcher
 from .dispatcher import Dispatcher
 from .errors import json_error
 from .extensions import db
@@ -165,6 +166,8 @@ class StateCollector(Collector):
         dispatcher: Dispatcher = self.app.extensions["ollamamq"]
         yield from _queue(dispatcher, bool(self.app.config["METRICS_PER_USER"]))
         yield from _backends(dispatcher)
+        if isinstance(dispatcher, SharedDispatcher):
+            yield from _cluster(dispatcher.state())
         with self.app.app_context():
             yield from _downloads(self.app.extensions["ollamamq.pulls"])
 
@@ -204,6 +207,26 @@ def _backends(dispatcher: Dispatcher) -> Iterator[Metric]:
         for model in sorted(backend.loaded):
             loaded.add_metric([backend.name, model], 1)
     yield from (up, slots, active, latency, loaded)
+
+
+REPLICA_ROLE = ("replica", "role")
+
+
+def _cluster(state: dict) -> Iterator[Metric]:
+    """Replicas only: this one's id and role, and every live replica's queue as Redis has it."""
+    info = _gauge("replica_info", "1, labelled with this replica's id and role", REPLICA_ROLE)
+    info.add_metric([state["replica"], state["role"]], 1)
+    waiting = _gauge("cluster_waiting", "Requests waiting on each live replica", ("replica",))
+    active = _gauge("cluster_active", "Requests holding a slot, by replica", ("replica",))
+    for name, summary in state.get("replicas", {}).items():
+        waiting.add_metric([name], summary["waiting"])
+        active.add_metric([name], summary["active"])
+    inflight = _gauge(
+        "cluster_backend_inflight", "Requests in flight on a backend, all replicas", ("backend",)
+    )
+    for backend, count in state.get("inflight", {}).items():
+        inflight.add_metric([backend], count)
+    yield from (info, waiting, active, inflight)
 
 
 def _downloads(pulls: PullService) -> Iterator[Metric]:

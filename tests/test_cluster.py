@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -386,3 +387,15 @@ def test_a_replica_starting_beside_a_live_one_leaves_its_download_running(redis_
         with replicas(redis_url, [fake], ["c"], tmp_path):
             alone = status()
     assert (beside_a, alone) == (DOWNLOADING, PENDING)
+
+
+def test_metrics_name_the_replica_and_show_every_live_replica(redis_url, tmp_path):
+    with FakeOllama() as fake, replicas(redis_url, [fake], ["a", "b"], tmp_path) as (a, b):
+        until(lambda: len(b.health()["cluster"]["replicas"]) == 2, "both replicas")
+        chat(a.url, "ana", "hi")
+        text = requests.get(f"{b.url}/metrics", timeout=10).text
+    assert 'ollamamq_replica_info{replica="b",role=' in text
+    for name in ("a", "b"):  # as of each one's last heartbeat
+        assert re.search(rf'^ollamamq_cluster_waiting{{replica="{name}"}} \d', text, re.M)
+        assert re.search(rf'^ollamamq_cluster_active{{replica="{name}"}} \d', text, re.M)
+    assert re.search(r'^ollamamq_cluster_backend_inflight{backend="[^"]+"} \d', text, re.M)

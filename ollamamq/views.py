@@ -17,6 +17,7 @@ from flask import current_app
 
 from .backends import BackendStatus, RunningModel
 from .budgets import budgets
+from .cluster import SharedDispatcher
 from .config import Config
 from .keys import KeyView
 from .services import dispatcher, keys, networks, pulls
@@ -82,11 +83,13 @@ def keys_data() -> dict:
 
 
 def overview_data() -> dict:
-    """Version, uptime, totals, backends and the last hour's throughput."""
+    """Version, uptime, totals, backends and the last hour's throughput; for a replica,
+    also every live replica's summary (`cluster`)."""
     from . import __version__  # set by the package after it has imported the app
 
     snap = dispatcher().snapshot()
-    return {
+    cluster = dispatcher().state() if isinstance(dispatcher(), SharedDispatcher) else {}
+    return ({"cluster": cluster} if cluster else {}) | {
         "version": __version__,
         "uptime_s": round(time.time() - snap.started_at, 1),
         "fairness": snap.fairness,

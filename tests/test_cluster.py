@@ -399,3 +399,14 @@ def test_metrics_name_the_replica_and_show_every_live_replica(redis_url, tmp_pat
         assert re.search(rf'^ollamamq_cluster_waiting{{replica="{name}"}} \d', text, re.M)
         assert re.search(rf'^ollamamq_cluster_active{{replica="{name}"}} \d', text, re.M)
     assert re.search(r'^ollamamq_cluster_backend_inflight{backend="[^"]+"} \d', text, re.M)
+
+
+def test_the_admin_overview_lists_every_live_replica(redis_url, tmp_path):
+    with FakeOllama() as fake, replicas(redis_url, [fake], ["a", "b"], tmp_path) as (a, b):
+        until(lambda: len(b.health()["cluster"]["replicas"]) == 2, "both replicas")
+        overview = requests.get(f"{b.url}/admin/api/overview", headers=ADMIN, timeout=10).json()
+        page = requests.get(f"{b.url}/admin/fragment/overview", headers=ADMIN, timeout=10)
+    assert overview["cluster"]["replica"] == "b"
+    assert sorted(overview["cluster"]["replicas"]) == ["a", "b"]
+    assert page.status_code == 200
+    assert 'data-replica="a"' in page.text and 'data-replica="b"' in page.text

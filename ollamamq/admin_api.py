@@ -20,7 +20,8 @@ from .auth import (
 )
 from .errors import json_error
 from .extensions import limiter
-from .pulls import JobView, PullService
+from .jobstore import JobView
+from .pulls import PullService
 from .residency import ResidencyError, change
 from .services import dispatcher, keys, networks, pulls, user_settings
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -96,19 +96,26 @@ def replica_of(app: Flask) -> str:
 
 
 def _share_changes(app: Flask, dispatcher: SharedDispatcher) -> None:
-    """A user blocked or a key revoked on one replica applies on all, through Redis."""
+    """A user blocked, a key revoked or a download cancelled on one replica applies on all,
+    through Redis."""
     users, ring = app.extensions["ollamamq.users"], app.extensions[RING_KEY]
+    pulls = app.extensions["ollamamq.pulls"]
 
-    def reload_users() -> None:
-        with app.app_context():
-            users.load()
-            db.session.remove()
+    def in_context(reload: Callable[[], None]) -> Callable[[], None]:
+        def reload_in_context() -> None:
+            with app.app_context():
+                reload()
+                db.session.remove()
+
+        return reload_in_context
 
     notices = dispatcher.notices
-    notices.on_change("users", reload_users)
+    notices.on_change("users", in_context(users.load))
     notices.on_change("keys", ring.reload)
+    notices.on_change("downloads", in_context(pulls.abort_cancelled))
     users.announce = functools.partial(notices.announce, "users")
     ring.announce = functools.partial(notices.announce, "keys")
+    pulls.announce = functools.partial(notices.announce, "downloads")
 
 
 MIGRATE_LOCK_S = 60.0  # longest a replica may take to bring the schema up to date

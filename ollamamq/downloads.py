@@ -13,8 +13,8 @@ from .auth import bearer, is_failed_attempt, login_limit, require_admin
 from .errors import json_error
 from .extensions import client_address, limiter
 from .identity import current
+from .jobstore import JobView
 from .payloads import json_object, loads
-from .pulls import JobView
 from .relay import serve_direct
 from .services import pulls
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import gevent
@@ -16,14 +19,13 @@ from flask import Flask
 from gevent import GreenletExit
 from gevent.pool import Pool
 from gevent.queue import Queue
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select, update
 
 from .backends import Backend, BackendPool
 from .extensions import db
 from .fairshare import normalize_model
+from .jobstore import JobStore, JobView
 from .models import (
-    ACTIVE_STATUSES,
     CANCELLED,
     COMPLETED,
     DOWNLOADING,
@@ -38,7 +40,6 @@ log = logging.getLogger(__name__)
 
 RUNNER = "runner"
 SAVE_EVERY_S = 1.0  # progress is written to the database at most this often per job
-HISTORY = 50  # finished jobs listed by default
 _END = object()  # closes a watcher's stream
 
 
@@ -46,45 +47,19 @@ class PullFailed(Exception):
     """A backend pull ended with an error, or its connection broke."""
 
 
-@dataclass(frozen=True)
-class JobView:
-    """A download job as the API, the admin and the command line show it."""
+def _break(response: requests.Response) -> None:
+    """End a pull another greenlet is reading: its read wakes up and closes the response.
 
-    id: int
-    model: str
-    status: str
-    requested_by: str
-    user: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    completed_bytes: int
-    total_bytes: int
-    attempts: int
-    last_error: str | None
-    percent: float
-    position: int | None = None  # 1-based place among pending jobs
-
-    @classmethod
-    def of(cls, job: PullJob, position: int | None = None) -> JobView:
-        values = {f.name: getattr(job, f.name) for f in fields(cls) if f.name != "position"}
-        return cls(**values, position=position)
-
-    def as_dict(self) -> dict:
-        """JSON-ready, with ISO 8601 UTC times."""
-        return {
-            f.name: _iso(v) if isinstance(v, datetime) else v
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-        }
+    close() from here would not wake it (and may not touch a reader in use).
+    """
+    connection = response.raw.connection
+    if connection is not None and connection.sock is not None:
+        with contextlib.suppress(OSError):
+            connection.sock.shutdown(socket.SHUT_RDWR)
 
 
-def _iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="seconds") + "Z"
-
-
-class PullService:
-    """Owns the download workers; jobs live in the database, live progress in memory too.
+class PullService(JobStore):
+    """Runs the jobs of the store: the download workers, and live progress in memory.
 
     Greenlets of one process share it; a job is claimed by a conditional UPDATE, so a
     second process (the command line) never runs the same job.
@@ -101,35 +76,7 @@ class PullService:
         self._watchers: dict[int, list[Queue]] = {}
         self._abort: dict[int, Callable[[], None]] = {}
         self._live: dict[int, tuple[int, int]] = {}  # running jobs' bytes, fresher than the db
-
-    # -- reading ---------------------------------------------------------------------------
-
-    def pending(self) -> list[JobView]:
-        """Pending jobs in the order they will run."""
-        jobs = db.session.scalars(
-            select(PullJob).where(PullJob.status == PENDING).order_by(PullJob.id)
-        )
-        return [JobView.of(job, n) for n, job in enumerate(jobs, start=1)]
-
-    def jobs(self, history: int = HISTORY) -> list[JobView]:
-        """Downloading, then pending in order, then the most recent finished jobs."""
-        running = db.session.scalars(select(PullJob).where(PullJob.status == DOWNLOADING))
-        finished = db.session.scalars(
-            select(PullJob)
-            .where(PullJob.status.not_in(ACTIVE_STATUSES))
-            .order_by(PullJob.id.desc())
-            .limit(history)
-        )
-        return (
-            [self._live_view(j) for j in running]
-            + self.pending()
-            + [JobView.of(j) for j in finished]
-        )
-
-    def get(self, job_id: int) -> JobView | None:
-        """One job, or None."""
-        job = db.session.get(PullJob, job_id)
-        return None if job is None else self._view_with_position(job)
+        self.announce: Callable[[], None] = lambda: None  # replicas: the others abort theirs
 
     def _live_view(self, job: PullJob) -> JobView:
         """A downloading job with the bytes of its latest progress record."""
@@ -139,20 +86,6 @@ class PullService:
         completed, total = self._live[job.id]
         percent = 100.0 * completed / total if total else 0.0
         return replace(view, completed_bytes=completed, total_bytes=total, percent=percent)
-
-    def counts(self) -> dict[str, int]:
-        """Jobs by status."""
-        rows = db.session.execute(select(PullJob.status, func.count()).group_by(PullJob.status))
-        return {status: count for status, count in rows}
-
-    def active_job(self, model: str) -> JobView | None:
-        """The pending or downloading job for `model`, if any."""
-        job = db.session.scalar(
-            select(PullJob).where(
-                PullJob.model == normalize_model(model), PullJob.status.in_(ACTIVE_STATUSES)
-            )
-        )
-        return None if job is None else self._view_with_position(job)
 
     def is_installed(self, model: str) -> bool:
         """Whether every reachable backend has `model` (asked now, not from the last check)."""
@@ -179,80 +112,23 @@ class PullService:
         """Whether a scheduled download window is open now: new pulls start at once."""
         return self.window_ends is not None and utcnow() < self.window_ends
 
-    # -- changing --------------------------------------------------------------------------
-
-    def enqueue(self, model: str, requested_by: str, user: str | None) -> tuple[JobView, bool]:
-        """A new pending job for `model`, or the active one already there (and False)."""
-        job = PullJob(
-            model=normalize_model(model), status=PENDING, requested_by=requested_by, user=user
-        )
-        db.session.add(job)
-        try:
-            db.session.commit()
-        except IntegrityError:  # the unique index on active jobs: someone queued it first
-            db.session.rollback()
-            existing = self.active_job(model)
-            if existing is None:
-                raise
-            return existing, False
-        log.info("queued download of %s for %s (job %d)", job.model, requested_by, job.id)
-        return self._view_with_position(job), True
-
-    def remove_model(self, model: str) -> bool:
-        """Drop the pending job for `model`; False if there is none."""
-        job = self.active_job(model)
-        return job is not None and job.status == PENDING and self.remove(job.id)
-
-    def remove(self, job_id: int) -> bool:
-        """Delete a job that is not downloading."""
-        job = db.session.get(PullJob, job_id)
-        if job is None or job.status == DOWNLOADING:
-            return False
-        db.session.delete(job)
-        db.session.commit()
-        return True
-
     def cancel(self, job_id: int) -> bool:
-        """Stop a pending or downloading job; it stays in the history as cancelled."""
-        changed = db.session.execute(
-            update(PullJob)
-            .where(PullJob.id == job_id, PullJob.status.in_(ACTIVE_STATUSES))
-            .values(status=CANCELLED, finished_at=utcnow())
-        ).rowcount
-        db.session.commit()
-        if changed and job_id in self._abort:
-            self._abort[job_id]()  # breaks the backend stream; the worker sees "cancelled"
-        return bool(changed)
+        """Stop a pending or downloading job, here or on the replica that runs it."""
+        cancelled = super().cancel(job_id)
+        if cancelled:
+            self.abort_cancelled([job_id])
+            self.announce()
+        return cancelled
 
-    def retry(self, job_id: int) -> bool:
-        """Put a failed or cancelled job back in the queue, with fresh attempts."""
-        job = db.session.get(PullJob, job_id)
-        if job is None or job.status not in (FAILED, CANCELLED) or self.active_job(job.model):
-            return False
-        job.status, job.attempts, job.last_error, job.finished_at = PENDING, 0, None, None
-        db.session.commit()
-        return True
-
-    def recover(self) -> int:
-        """After a crash or restart, jobs left downloading wait again (Ollama resumes pulls)."""
-        changed = db.session.execute(
-            update(PullJob).where(PullJob.status == DOWNLOADING).values(status=PENDING)
-        ).rowcount
-        db.session.commit()
-        if changed:
-            log.info("%d interrupted downloads are pending again", changed)
-        return changed
-
-    def cleanup(self, days: int) -> int:
-        """Delete finished jobs older than `days`."""
-        cutoff = utcnow() - timedelta(days=days)
-        gone = db.session.execute(
-            PullJob.__table__.delete().where(
-                PullJob.status.not_in(ACTIVE_STATUSES), PullJob.created_at < cutoff
-            )
-        ).rowcount
-        db.session.commit()
-        return gone
+    def abort_cancelled(self, job_ids: list[int] | None = None) -> None:
+        """Break the pulls of jobs cancelled meanwhile (by this process or another):
+        the worker then sees "cancelled"."""
+        running = [i for i in (job_ids if job_ids is not None else self._abort) if i in self._abort]
+        if not running:
+            return
+        query = select(PullJob.id).where(PullJob.id.in_(running), PullJob.status == CANCELLED)
+        for job_id in db.session.scalars(query).all():
+            self._abort[job_id]()
 
     # -- running ---------------------------------------------------------------------------
 
@@ -432,7 +308,7 @@ class PullService:
             with backend.session.post(
                 url, json={"model": job.model, "stream": True}, stream=True, timeout=timeout
             ) as response:
-                self._abort[job.id] = response.close
+                self._abort[job.id] = functools.partial(_break, response)
                 for line in response.iter_lines():
                     record = json.loads(line) if line.strip() else {}
                     if "error" in record:
@@ -468,11 +344,3 @@ class PullService:
     def _publish(self, job_id: int, record: object) -> None:
         for inbox in self._watchers.get(job_id, ()):
             inbox.put(record)
-
-    def _view_with_position(self, job: PullJob) -> JobView:
-        if job.status != PENDING:
-            return JobView.of(job)
-        ahead = db.session.scalar(
-            select(func.count()).where(PullJob.status == PENDING, PullJob.id < job.id)
-        )
-        return JobView.of(job, ahead + 1)

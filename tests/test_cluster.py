@@ -410,3 +410,23 @@ def test_the_admin_overview_lists_every_live_replica(redis_url, tmp_path):
     assert sorted(overview["cluster"]["replicas"]) == ["a", "b"]
     assert page.status_code == 200
     assert 'data-replica="a"' in page.text and 'data-replica="b"' in page.text
+
+
+def test_a_download_cancelled_through_one_replica_stops_on_the_one_pulling_it(redis_url, tmp_path):
+    with FakeOllama() as fake, replicas(redis_url, [fake], ["a", "b"], tmp_path) as (a, b):
+        fake.pull_gate = Event()  # the pull waits after its first progress record
+
+        def downloads(replica: Replica) -> dict:
+            url = f"{replica.url}/admin/api/downloads"
+            return requests.get(url, headers=ADMIN, timeout=10).json()
+
+        pull = {"model": "llama3:70b", "stream": False}
+        job = requests.post(f"{a.url}/api/pull", json=pull, timeout=10).json()["job"]
+        requests.post(f"{a.url}/admin/api/downloads/{job}/process", headers=ADMIN)
+        until(lambda: any(r.path == "/api/pull" for r in fake.received), "a to start pulling")
+        assert downloads(a)["processing"]
+        requests.post(f"{b.url}/admin/api/downloads/{job}/cancel", headers=ADMIN).raise_for_status()
+        until(lambda: not downloads(a)["processing"], "a to stop pulling", 2.0)
+        fake.pull_gate.set()
+        status = next(j["status"] for j in downloads(b)["jobs"] if j["id"] == job)
+    assert status == "cancelled"

@@ -291,3 +291,20 @@ def test_the_missed_opening_is_the_latest_unattended_one():
     assert missed_opening(trigger, at(3) - timedelta(days=1), at(8, 59), 6) == at(3)
     assert missed_opening(trigger, None, at(9, 1), 6) is None  # too late: tomorrow
     assert missed_opening(trigger, None, at(2, 59), 6) is None  # yesterday's is 24 h old
+
+
+def test_cancelling_a_running_download_breaks_its_pull(app, proxy, fake):
+    fake.pull_gate = Event()  # the pull waits after its first progress record: only a cut ends it
+    job = pull(proxy, "qwen2:72b").json()["job"]
+    requests.post(f"{proxy}/api/queue/process", json={}, timeout=10).raise_for_status()
+    with gevent.Timeout(10, AssertionError("the pull never reached the backend")):
+        while not pulls_seen(fake):
+            gevent.sleep(0.01)
+    service = app.extensions["ollamamq.pulls"]
+    with app.app_context():
+        assert service.cancel(job)  # as the admin's cancel button does
+    with gevent.Timeout(10, AssertionError("the cancelled pull ran on")):
+        service.wait()
+    fake.pull_gate.set()
+    with app.app_context():
+        assert service.get(job).status == "cancelled"

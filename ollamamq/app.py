@@ -47,6 +47,7 @@ from .users import UserSettings
 
 ROOT = Path(__file__).resolve().parent.parent  # templates/, static/, migrations/ live here
 MIGRATIONS = str(ROOT / "migrations")
+MIGRATE_LOCK_S = 60.0  # longest a replica may take to bring the schema up to date
 
 
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
@@ -116,9 +117,6 @@ def _share_changes(app: Flask, dispatcher: SharedDispatcher) -> None:
     users.announce = functools.partial(notices.announce, "users")
     ring.announce = functools.partial(notices.announce, "keys")
     pulls.announce = functools.partial(notices.announce, "downloads")
-
-
-MIGRATE_LOCK_S = 60.0  # longest a replica may take to bring the schema up to date
 
 
 class CookieSessionOnDemand(SecureCookieSessionInterface):

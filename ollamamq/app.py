@@ -185,7 +185,7 @@ def _one_at_a_time(dispatcher: Dispatcher) -> Iterator[None]:
     try:
         held = lock.acquire()  # False after MIGRATE_LOCK_S: its holder is stuck, go on
     except redis.RedisError as exc:
-        raise SharedQueueUnreachable(f"cannot reach Redis (REDIS_URL): {exc}") from exc
+        raise _unreachable(dispatcher, exc) from exc
     try:
         yield
     finally:
@@ -201,15 +201,19 @@ def _serves_alone(dispatcher: Dispatcher) -> bool:
     try:
         return not set(dispatcher.ledger.replicas()) - {dispatcher.replica}
     except redis.RedisError as exc:
-        raise SharedQueueUnreachable(f"cannot reach Redis (REDIS_URL): {exc}") from exc
+        raise _unreachable(dispatcher, exc) from exc
 
 
 def _start_dispatcher(dispatcher: Dispatcher) -> None:
     try:
         dispatcher.start()
     except redis.RedisError as exc:
-        url = dispatcher.ledger.url if isinstance(dispatcher, SharedDispatcher) else "?"
-        raise SharedQueueUnreachable(f"cannot reach Redis at {url} (REDIS_URL): {exc}") from exc
+        raise _unreachable(dispatcher, exc) from exc
+
+
+def _unreachable(dispatcher: Dispatcher, error: Exception) -> SharedQueueUnreachable:
+    url = dispatcher.ledger.url if isinstance(dispatcher, SharedDispatcher) else "?"
+    return SharedQueueUnreachable(f"cannot reach Redis at {url} (REDIS_URL): {error}")
 
 
 class SharedQueueUnreachable(RuntimeError):

@@ -430,3 +430,12 @@ def test_a_download_cancelled_through_one_replica_stops_on_the_one_pulling_it(re
         fake.pull_gate.set()
         status = next(j["status"] for j in downloads(b)["jobs"] if j["id"] == job)
     assert status == "cancelled"
+
+
+def test_a_replica_refuses_to_start_when_redis_is_unreachable(tmp_path):
+    nobody = f"redis://127.0.0.1:{free_port()}"  # nothing listens there
+    command = ollamamq(free_port(), "http://127.0.0.1:9", "--redis-url", nobody)
+    env = os.environ | {"DB_PATH": str(tmp_path / "alone.db")}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"cannot reach Redis at {nobody}" in done.stdout + done.stderr

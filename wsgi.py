@@ -8,13 +8,13 @@ it, every worker is a replica of one fair queue (cluster.py).
 import signal
 
 from ollamamq import create_app, start_services  # patches gevent first
-from ollamamq.app import replica_of
 from ollamamq.cli import setup_logging
 from ollamamq.shutdown import Drain
 
 app = create_app()
 config = app.config
-setup_logging(config["LOG_LEVEL"], config["LOG_FILE"], config["LOG_FORMAT"], replica_of(app))
+replica = app.extensions["ollamamq"].replica
+setup_logging(config["LOG_LEVEL"], config["LOG_FILE"], config["LOG_FORMAT"], replica)
 start_services(app)
 
 

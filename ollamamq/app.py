@@ -72,7 +72,6 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     pulls = PullService(app, dispatcher.pool)
     app.extensions["ollamamq"] = dispatcher
     app.extensions["ollamamq.pulls"] = pulls
-    app.extensions["ollamamq.claim"] = getattr(dispatcher, "claim", lambda _name: True)
     shared = dispatcher.ledger.redis if isinstance(dispatcher, SharedDispatcher) else None
     budgets = init_budgets(app, shared)
     app.extensions["ollamamq.users"] = UserSettings(dispatcher, budgets, app.config["USERS"])
@@ -88,12 +87,6 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     if isinstance(dispatcher, SharedDispatcher):
         _share_changes(app, dispatcher)
     return app
-
-
-def replica_of(app: Flask) -> str:
-    """This process's name in a shared queue; "" when it serves alone."""
-    dispatcher = app.extensions["ollamamq"]
-    return dispatcher.replica if isinstance(dispatcher, SharedDispatcher) else ""
 
 
 def _share_changes(app: Flask, dispatcher: SharedDispatcher) -> None:

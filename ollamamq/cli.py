@@ -23,7 +23,6 @@ from .app import (
     MIGRATIONS,
     SharedQueueUnreachable,
     create_app,
-    replica_of,
     start_services,
     stop_services,
 )
@@ -351,8 +350,8 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(top.main(args.url, args.password, args.interval))
     app = create_app(overrides_from(args))
-    config = app.config
-    setup_logging(config["LOG_LEVEL"], config["LOG_FILE"], config["LOG_FORMAT"], replica_of(app))
+    config, replica = app.config, app.extensions["ollamamq"].replica
+    setup_logging(config["LOG_LEVEL"], config["LOG_FILE"], config["LOG_FORMAT"], replica)
     if args.command == "downloads":
         if args.action == "remove" and not args.model:
             parser.error("downloads remove needs a MODEL")

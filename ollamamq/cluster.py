@@ -112,8 +112,8 @@ class SharedDispatcher(Dispatcher):
         problems = [p for p in (super().health_problem(), self.redis_error) if p]
         return "; ".join(problems) or None
 
-    def state(self) -> dict:
-        """This replica's view of the cluster, for /health."""
+    def cluster_state(self) -> dict:
+        """This replica's view of the cluster, for /health, /metrics and the admin."""
         state = {"replica": self.replica, "role": self.role, "redis": self.redis_error or "ok"}
         try:
             state |= {

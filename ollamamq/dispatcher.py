@@ -45,6 +45,8 @@ class Dispatcher:
     needs no locks here.
     """
 
+    replica = ""  # this process's name among replicas of a shared queue; "" alone
+
     def __init__(self, pool: BackendPool, queue: FairQueue, max_queue: int, max_per_user: int):
         self.pool = pool
         self.queue = queue
@@ -73,6 +75,16 @@ class Dispatcher:
     def health_problem(self) -> str | None:
         """Why the dispatcher is not healthy (its loop crashed and is not back), or None."""
         return self.greenlets.health_problem()
+
+    # cluster.SharedDispatcher, one replica of a shared queue, answers these otherwise.
+
+    def cluster_state(self) -> dict | None:
+        """What the shared queue's record says of all replicas (None: alone)."""
+        return None
+
+    def claim(self, name: str) -> bool:
+        """Whether this process does the scheduled run `name` (alone: always)."""
+        return True
 
     def drain(self) -> int:
         """Shutting down: refuse new requests and answer every waiting one; how many waited."""

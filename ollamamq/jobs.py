@@ -79,7 +79,7 @@ def run_download_window(app: Flask, pulls: PullService, now: datetime | None = N
 def _is_mine(app: Flask, opening: datetime) -> bool:
     """Whether this process opens the window due at `opening`: replicas claim it in Redis."""
     minute = opening.astimezone(UTC).strftime("%Y-%m-%dT%H:%M")
-    if app.extensions["ollamamq.claim"](f"window:{minute}"):
+    if app.extensions["ollamamq"].claim(f"window:{minute}"):
         return True
     log.info("the download window of %s is opened by another replica", minute)
     return False

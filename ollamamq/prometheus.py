@@ -28,7 +28,6 @@ from sqlalchemy import func, select
 
 from .accesslog import Finished
 from .auth import bearer, is_admin, is_loopback
-from .cluster import SharedDispatcher
 from .dispatcher import Dispatcher
 from .errors import json_error
 from .extensions import db
@@ -166,8 +165,8 @@ class StateCollector(Collector):
         dispatcher: Dispatcher = self.app.extensions["ollamamq"]
         yield from _queue(dispatcher, bool(self.app.config["METRICS_PER_USER"]))
         yield from _backends(dispatcher)
-        if isinstance(dispatcher, SharedDispatcher):
-            yield from _cluster(dispatcher.state())
+        if (cluster := dispatcher.cluster_state()) is not None:
+            yield from _cluster(cluster)
         with self.app.app_context():
             yield from _downloads(self.app.extensions["ollamamq.pulls"])
 

@@ -7,7 +7,6 @@ from sqlalchemy import text
 
 from . import services
 from .catalog import queued_entry, union
-from .cluster import SharedDispatcher
 from .extensions import db
 from .identity import user_of
 from .paths import check_digest
@@ -133,7 +132,7 @@ def health() -> Response:
     database = _database_state()
     problems = services.problems()
     is_ok = any(b["up"] for b in backends) and database == "ok" and not problems
-    cluster = queue.state() if isinstance(queue, SharedDispatcher) else None
+    cluster = queue.cluster_state()
     is_ok = is_ok and (cluster is None or cluster["redis"] == "ok")
     return jsonify(
         status="ok" if is_ok else "degraded",

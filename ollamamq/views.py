@@ -17,7 +17,6 @@ from flask import current_app
 
 from .backends import BackendStatus, RunningModel
 from .budgets import budgets
-from .cluster import SharedDispatcher
 from .config import Config
 from .keys import KeyView
 from .services import dispatcher, keys, networks, pulls
@@ -88,7 +87,7 @@ def overview_data() -> dict:
     from . import __version__  # set by the package after it has imported the app
 
     snap = dispatcher().snapshot()
-    cluster = dispatcher().state() if isinstance(dispatcher(), SharedDispatcher) else {}
+    cluster = dispatcher().cluster_state()
     return ({"cluster": cluster} if cluster else {}) | {
         "version": __version__,
         "uptime_s": round(time.time() - snap.started_at, 1),

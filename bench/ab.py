@@ -1,11 +1,12 @@
-"""Two versions of the proxy side by side: interleaved wrk runs against one fake backend.
+"""Two versions of the proxy side by side: interleaved runs against one fake backend.
 
     git worktree add /tmp/before 766a501
     python -m bench.ab /tmp/before . [--concurrency 32] [--rounds 4] [--seconds 3]
 
 Each tree's proxy runs from that tree (PYTHONPATH), all in front of the same fake. The
 rounds alternate direct, first tree, second tree, so a machine that speeds up or slows
-down between minutes moves every column alike; each cell lists every round.
+down between minutes moves every column alike; each cell lists every round. The load
+comes from wrk when it is installed, else from this process (bench/measure.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ monkey.patch_all()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import measure, servers, wrk  # noqa: E402
+from bench import measure, servers  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,19 +45,8 @@ def start_proxies(trees: list[str], backend: str) -> list[servers.Server]:
     return started
 
 
-def one_run(server: servers.Server, concurrency: int, seconds: float) -> dict:
-    url = server.url + measure.GENERATE
-    wrk.run(url, measure.SMALL, concurrency, 1)  # warm-up
-    before = measure.cpu_seconds(server.pid)
-    result = wrk.run(url, measure.SMALL, concurrency, seconds)
-    return result | {"cpu_ms": measure.cpu_per_request(server.pid, before, result["requests"])}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not wrk.available():
-        print("needs wrk (apt install wrk)")
-        return 1
     fake = servers.start_fake(tokens=1)
     proxies = start_proxies(args.trees, fake.url)
     sides = [("direct", fake), *zip(args.trees, proxies, strict=True)]
@@ -64,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for _ in range(args.rounds):
             for name, server in sides:
-                runs[name].append(one_run(server, args.concurrency, args.seconds))
+                run = measure.throughput(server.url, args.concurrency, args.seconds, server.pid)
+                runs[name].append(run)
     finally:
         for server in (*proxies, fake):
             servers.stop(server)
-    print(f"c={args.concurrency}, {args.rounds} rounds of {args.seconds:.0f} s, wrk -t1")
+    client = runs["direct"][0]["client"]
+    print(f"c={args.concurrency}, {args.rounds} rounds of {args.seconds:.0f} s, {client} client")
     for name, results in runs.items():
         cpu = [r["cpu_ms"] for r in results]
         rps = [round(r["rps"]) for r in results]

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
 import requests
-import urllib3
 from requests.adapters import HTTPAdapter
 
 from .fairshare import normalize_model
+from .http1 import POOL_CONNECTIONS, ConnectionPool
 from .placement import BackendView
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-POOL_CONNECTIONS = 256  # keep-alive connections per backend: queued slots plus metadata calls
 HEALTH_LOOP = "health loop"
 
 
@@ -27,36 +25,6 @@ def parse_backend(spec: str, default_slots: int) -> tuple[str, int]:
     """Split "http://host:11434#4" into the URL and its number of slots."""
     url, _, slots = spec.partition("#")
     return url.rstrip("/"), int(slots) if slots else default_slots
-
-
-class KeptConnection(urllib3.connection.HTTPConnection):
-    """urllib3's connection, checked for a hang-up by one non-blocking peek before reuse.
-
-    urllib3 polls a kept-alive connection each time it is taken from the pool; under gevent
-    a poll builds and starts a watcher, 5% of the proxy's CPU at 32 clients. A peek is one
-    system call with the same answer: nothing to read means open and idle.
-    """
-
-    @property
-    def is_connected(self) -> bool:
-        if self.sock is None:
-            return False
-        raw = getattr(self.sock, "_sock", self.sock)  # gevent's recv would wait for data
-        try:
-            raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        return False  # the backend closed it (or sent bytes nobody asked for)
-
-
-def relay_pool(url: str) -> urllib3.HTTPConnectionPool:
-    """The keep-alive connections the relay uses to reach `url`."""
-    pool = urllib3.connection_from_url(url, maxsize=POOL_CONNECTIONS)
-    if pool.scheme == "http":  # TLS connections keep urllib3's own check
-        pool.ConnectionCls = KeptConnection
-    return pool
 
 
 def make_session() -> requests.Session:
@@ -105,7 +73,7 @@ class Backend:
         self.slots = slots
         self.active = 0
         self.session = make_session()  # health checks, listings and pulls
-        self.pool = relay_pool(url)
+        self.pool = ConnectionPool(url)  # the relay's
         self.is_up = True  # optimistic until a check or a request says otherwise
         self.rest_until = 0.0  # monotonic time before which a busy backend gets no new work
         self.latency_ms: float | None = None

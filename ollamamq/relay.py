@@ -10,8 +10,6 @@ from functools import partial
 
 import gevent
 from flask import Response, after_this_request, current_app, request
-from urllib3 import HTTPResponse
-from urllib3.exceptions import ReadTimeoutError
 from werkzeug.exceptions import (
     BadGateway,
     GatewayTimeout,
@@ -24,6 +22,8 @@ from .backends import Backend
 from .budgets import budgets
 from .dispatcher import Dispatcher
 from .fairshare import normalize_model
+from .http1 import READ_SIZE, ReadTimeout
+from .http1 import Response as Upstream
 from .identity import user_of
 from .payloads import (
     ModelNotFound,
@@ -35,14 +35,11 @@ from .payloads import (
 from .services import dispatcher
 from .ticket import ACTIVE, Ticket
 from .upstream import (
-    READ_SIZE,
     STREAM_ERRORS,
     TAIL_BYTES,
     SizedStream,
-    cut,
     drop_usage_events,
     error_record,
-    iter_body,
     open_stream,
     request_headers,
     response_headers,
@@ -149,7 +146,7 @@ def _closing(callback: Callable[[], None], response: Response) -> Response:
     return response
 
 
-def _dispatch(ticket: Ticket, queue: Dispatcher, path: str, body: bytes) -> HTTPResponse:
+def _dispatch(ticket: Ticket, queue: Dispatcher, path: str, body: bytes) -> Upstream:
     """Wait for a slot and open the backend call.
 
     A busy backend (503), or one that refuses the connection while another is healthy,
@@ -220,13 +217,13 @@ def _streamed_body() -> SizedStream | Iterator[bytes] | None:
     return None
 
 
-def _connect(backend: Backend, path: str, body) -> HTTPResponse:
+def _connect(backend: Backend, path: str, body) -> Upstream:
     """Send the request; a failure before the first byte raises a 502 or 504."""
     target = path + ("?" + request.query_string.decode() if request.query_string else "")
     headers = request_headers(request.headers.items())
     try:
         return open_stream(backend, request.method, target, body, headers, timeouts())
-    except ReadTimeoutError as exc:
+    except ReadTimeout as exc:
         raise BackendTimeout(f"backend {backend.name} did not answer in time: {exc}") from None
     except STREAM_ERRORS as exc:
         backend.mark_down(str(exc))
@@ -235,41 +232,41 @@ def _connect(backend: Backend, path: str, body) -> HTTPResponse:
 
 
 def _response(
-    upstream: HTTPResponse, ticket: Ticket | None, label: str, strip_usage: bool = False
+    upstream: Upstream, ticket: Ticket | None, label: str, strip_usage: bool = False
 ) -> Response:
     """The backend's answer for the client: a JSON document whole, a stream as it comes."""
-    content_type = upstream.headers.get("Content-Type", "")
+    content_type = upstream.header("Content-Type")
     if ticket is not None:
-        ticket.on_abandon = partial(cut, upstream)
+        ticket.on_abandon = upstream.cut
         ticket.failed = upstream.status >= 400
     if content_type.startswith("application/json"):
         return _whole(upstream, ticket, label)
     is_sse = content_type.startswith("text/event-stream")
-    chunks = iter_body(upstream)
+    chunks = upstream.stream()
     if ticket is not None:
         chunks = observe(chunks, ticket, is_sse)
     if strip_usage:
         chunks = drop_usage_events(chunks)
     body = relay(chunks, ticket, is_sse, label)
-    response = Response(body, upstream.status, response_headers(upstream.headers.items()))
+    response = Response(body, upstream.status, response_headers(upstream.headers))
     response.call_on_close(upstream.close)
     return response
 
 
-def _whole(upstream: HTTPResponse, ticket: Ticket | None, label: str) -> Response:
+def _whole(upstream: Upstream, ticket: Ticket | None, label: str) -> Response:
     """A non-streamed answer, read before anything is sent: one write, with its length.
 
     Nothing has reached the client yet, so a backend that fails now is a clean 502 or 504.
     """
     try:
-        data = upstream.read(decode_content=False)
+        data = upstream.read()
     except STREAM_ERRORS as exc:
         if ticket is not None and ticket.abandoned:
             log.info("%s: the client left before the answer; the backend call was cut", label)
             raise ClientGone() from None
         if ticket is not None:
             ticket.failed = True
-        if isinstance(exc, ReadTimeoutError):
+        if isinstance(exc, ReadTimeout):
             raise BackendTimeout(f"{label}: the backend stopped answering: {exc}") from None
         raise BackendUnreachable(f"{label}: the backend's answer broke off: {exc}") from None
     finally:
@@ -277,7 +274,7 @@ def _whole(upstream: HTTPResponse, ticket: Ticket | None, label: str) -> Respons
     if ticket is not None:
         ticket.first_byte_at = time.monotonic()
         _settle(ticket, data[-TAIL_BYTES:])
-    return Response(data, upstream.status, response_headers(upstream.headers.items()))
+    return Response(data, upstream.status, response_headers(upstream.headers))
 
 
 def observe(chunks: Iterator[bytes], ticket: Ticket, is_sse: bool) -> Iterator[bytes]:

@@ -5,15 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 from collections.abc import Iterable, Iterator
 from typing import IO
 
-import requests
-import urllib3
-from urllib3 import HTTPResponse, Timeout
-
 from .backends import Backend
+from .http1 import Body, Response
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +27,10 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
-READ_SIZE = 64 * 1024
+# The client's Expect: 100-continue was the proxy's to answer; its body is in hand.
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
 TAIL_BYTES = 2048  # the backend's token counts are in the last record of every format
-STREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+STREAM_ERRORS = (OSError,)  # every failure of http1's, timeouts included
 
 _COUNT_PATTERNS = (
     (re.compile(rb'"prompt_eval_count":\s*(\d+)'), re.compile(rb'"eval_count":\s*(\d+)')),
@@ -69,8 +65,8 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
 class SizedStream:
     """A request body read straight from the client, with the length the client declared.
 
-    requests sends a body with `__len__` with that Content-Length, in pieces, never
-    holding it all in memory.
+    http1 sends a body with `__len__` with that Content-Length, in pieces, never holding
+    it all in memory.
     """
 
     def __init__(self, stream: IO[bytes], length: int) -> None:
@@ -88,48 +84,12 @@ def open_stream(
     backend: Backend,
     method: str,
     path: str,
-    body: bytes | SizedStream | Iterable[bytes] | None,
+    body: Body,
     headers: dict[str, str],
     timeout: tuple[float, float],
-) -> HTTPResponse:
-    """Send the request and return once the backend's status and headers have arrived.
-
-    urllib3 directly, not requests: on the relay's hot path requests' own per-call work
-    (settings merging, cookies, hooks, Protocol checks) cost a third of the CPU.
-    """
-    if isinstance(body, SizedStream):
-        headers = {**headers, "Content-Length": str(len(body))}
-    return backend.pool.urlopen(
-        method,
-        path,
-        body=body,
-        headers=headers,
-        timeout=Timeout(connect=timeout[0], read=timeout[1]),
-        retries=False,
-        redirect=False,
-        preload_content=False,
-        decode_content=False,
-        assert_same_host=False,
-    )
-
-
-def cut(upstream: HTTPResponse) -> None:
-    """End a backend stream from outside the greenlet reading it.
-
-    shutdown() wakes that reader with an end of stream it handles as a broken stream;
-    closing the response here instead would pull its buffer from under the reader.
-    """
-    sock = getattr(upstream.connection, "sock", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already closed
-
-
-def iter_body(upstream: HTTPResponse) -> Iterator[bytes]:
-    """The body exactly as the backend sent it: each chunk as it comes, still encoded."""
-    return upstream.stream(READ_SIZE, decode_content=False)
+) -> Response:
+    """Send the request and return once the backend's status and headers have arrived."""
+    return backend.pool.request(method, path, body, headers, timeout)
 
 
 def token_counts(tail: bytes) -> tuple[int, int]:

@@ -183,6 +183,9 @@ class SharedDispatcher(Dispatcher):
     def _run(self) -> None:
         raise AssertionError("grants come from the leader")  # start() never spawns it
 
+    def _grant_if_alone(self) -> None:
+        pass  # alone here is not alone in the shared queue: the leader grants
+
     def claim(self, name: str) -> bool:
         """Whether this replica is the one to do `name` (a scheduled run) for the next hour.
 

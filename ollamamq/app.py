@@ -52,7 +52,7 @@ MIGRATE_LOCK_S = 60.0  # longest a replica may take to bring the schema up to da
 
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     """A configured app; background services start with start_services()."""
-    app = Flask(__name__, template_folder=ROOT / "templates", static_folder=ROOT / "static")
+    app = SyncFlask(__name__, template_folder=ROOT / "templates", static_folder=ROOT / "static")
     app.session_interface = CookieSessionOnDemand()
     app.json = SafeJSONProvider(app)
     app.config.from_object(Config)
@@ -110,6 +110,17 @@ def _share_changes(app: Flask, dispatcher: SharedDispatcher) -> None:
     users.announce = functools.partial(notices.announce, "users")
     ring.announce = functools.partial(notices.announce, "keys")
     pulls.announce = functools.partial(notices.announce, "downloads")
+
+
+class SyncFlask(Flask):
+    """Flask, for an app whose views and hooks are all plain functions (gevent, not asyncio).
+
+    Flask asks inspect.iscoroutinefunction of every view and hook it calls, a dozen
+    times per request; here the answer is always no.
+    """
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        return func
 
 
 class CookieSessionOnDemand(SecureCookieSessionInterface):

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from datetime import UTC, datetime
 from logging.handlers import WatchedFileHandler
@@ -16,7 +15,7 @@ from typing import Any
 import flask_migrate
 import gevent
 from flask import Flask
-from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
+from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
 from . import audit
 from .app import (
@@ -29,11 +28,11 @@ from .app import (
 from .config import load_config_file, split_urls
 from .models import ROLES
 from .shutdown import Drain
+from .wsgi_handler import Handler, QuietHandler
 
 log = logging.getLogger(__name__)
 
 BACKLOG = 4096  # thousands of clients may connect at once and wait in the queue
-READ_BUFFER = 1024  # bytes of each connection's request reader (pywsgi's default: 8 KB)
 
 
 def build_parser(version: str) -> argparse.ArgumentParser:
@@ -262,52 +261,6 @@ def setup_logging(level: str, log_file: str, log_format: str = "text", replica: 
     for handler in handlers:
         handler.setFormatter(formatter)
     logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
-
-
-class Handler(WSGIHandler):
-    """Hands the client socket to the app, which watches it for hang-ups."""
-
-    def __init__(self, sock: socket.socket, address: tuple, server: WSGIServer) -> None:
-        super().__init__(sock, address, server)
-        # pywsgi's reader holds an 8 KB buffer per connection for as long as it is open,
-        # a third of what a waiting client costs. Request lines and headers fit in 1 KB;
-        # bodies are read straight past the buffer.
-        self.rfile = sock.makefile("rb", READ_BUFFER)
-
-    def handle(self) -> None:
-        # pywsgi writes headers and body separately: without this, Nagle's algorithm holds
-        # the body for the client's delayed ACK (~40 ms on every keep-alive request).
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().handle()
-
-    def _write_with_headers(self, data: bytes) -> None:
-        # pywsgi sends the head, then the first piece of body: two system calls where one
-        # does (send() was a sixth of the proxy's CPU at c=32). The same bytes otherwise.
-        self.headers_sent = True
-        self.finalize_headers()
-        parts = [b"HTTP/1.1 ", self.status, b"\r\n"]
-        for name, value in self.response_headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
-        if data:
-            parts.append(b"%x\r\n%s\r\n" % (len(data), data) if self.response_use_chunked else data)
-        self._sendall(b"".join(parts))
-
-    def get_environ(self) -> dict:
-        environ = super().get_environ()
-        environ["ollamamq.socket"] = self.socket
-        environ["RAW_URI"] = self.path  # as sent, before decoding (gunicorn sets it too)
-        return environ
-
-
-class QuietHandler(Handler):
-    """No pywsgi access line: the app logs each request itself (accesslog.py).
-
-    pywsgi formats its line (a datetime and a %-format) even when its log is a no-op.
-    """
-
-    def log_request(self) -> None:
-        pass
 
 
 def serve(app: Flask) -> None:

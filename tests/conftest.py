@@ -16,8 +16,8 @@ from gevent.pywsgi import WSGIServer  # noqa: E402
 
 from ollamamq import create_app, start_services  # noqa: E402
 from ollamamq.app import stop_services  # noqa: E402
-from ollamamq.cli import Handler  # noqa: E402
 from ollamamq.dispatcher import Dispatcher  # noqa: E402
+from ollamamq.wsgi_handler import Handler  # noqa: E402
 from tests.fake_ollama import FakeOllama  # noqa: E402
 
 WAIT_LIMIT = 10  # seconds any test may wait for an event before failing

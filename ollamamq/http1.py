@@ -99,10 +99,11 @@ class ConnectionPool:
         try:
             return self._exchange(sock, method, target, body, headers, timeout[1])
         except _Stale as exc:
-            raise BrokenResponse(f"the backend closed the connection: {exc}") from None
+            raise BrokenResponse(str(exc)) from None
 
     def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection, and those still in use once their answers end."""
+        self.maxsize = 0
         idle, self._idle = self._idle, []
         for sock in idle:
             sock.close()

@@ -18,7 +18,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
-@dataclass
+@dataclass(slots=True)  # one per user ever seen: thousands
 class UserStats:
     """What one user has been served."""
 

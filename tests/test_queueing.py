@@ -10,6 +10,10 @@ import pytest
 import requests
 from gevent.event import Event
 
+from ollamamq.backends import BackendPool
+from ollamamq.dispatcher import Dispatcher
+from ollamamq.fairshare import FairQueue
+from ollamamq.ticket import ACTIVE, WAITING
 from tests.conftest import Calls, wait_arrivals
 from tests.fake_ollama import FakeOllama
 
@@ -218,3 +222,16 @@ def test_streams_cut_by_the_backend_or_the_timeout_are_charged_what_they_streame
     charge = 1 + 2 * 5  # the input estimate, two per streamed token
     assert queue.queue.service("timed-out") == charge
     assert queue.queue.service("cut") == charge + charge  # it joined at the latest served
+
+
+def test_a_request_alone_in_the_queue_is_granted_as_it_is_submitted():
+    pool = BackendPool(["http://127.0.0.1:9"], 1, 3600)  # never started: no checks, no calls
+    dispatcher = Dispatcher(pool, FairQueue("tokens", 2.0), 100, 100)  # its greenlet not started
+    first = dispatcher.submit("ann", "llama3:latest", "/api/chat")
+    assert first.state == ACTIVE and first.granted.is_set()
+    second = dispatcher.submit("bob", "llama3:latest", "/api/chat")
+    assert second.state == WAITING  # the only slot is taken: the dispatcher's round decides
+    dispatcher.release(first)
+    assert second.state == WAITING  # not granted by release: by the dispatcher greenlet
+    dispatcher._grant_all()
+    assert second.state == ACTIVE

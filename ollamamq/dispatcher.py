@@ -354,7 +354,7 @@ class Dispatcher:
         ticket.state = ACTIVE
         ticket.started_at = time.monotonic()
         self._active[ticket] = None
-        self._stats(ticket.user).waits_ms.append(ticket.wait_ms)
+        self._stats(ticket.user).add_wait(ticket.wait_ms)
         ticket.granted.set()
 
     def _count(self, ticket: Ticket) -> None:

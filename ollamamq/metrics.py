@@ -28,7 +28,13 @@ class UserStats:
     tokens_in: int = 0
     tokens_out: int = 0
     last_seen: float = 0.0
-    waits_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WAIT_SAMPLES))
+    waits_ms: deque[float] | None = None  # from the first grant: a kilobyte per user
+
+    def add_wait(self, wait_ms: float) -> None:
+        """Keep one more wait among the recent ones."""
+        if self.waits_ms is None:
+            self.waits_ms = deque(maxlen=WAIT_SAMPLES)
+        self.waits_ms.append(wait_ms)
 
     def avg_wait_ms(self) -> float:
         """Mean of the recent waits."""
@@ -36,7 +42,7 @@ class UserStats:
 
     def p95_wait_ms(self) -> float:
         """95th percentile of the recent waits."""
-        return percentile(list(self.waits_ms), 0.95)
+        return percentile(list(self.waits_ms or ()), 0.95)
 
 
 @dataclass

@@ -68,6 +68,8 @@ class ClientWatch:
     The callback runs in the hub, so `on_gone` must not block.
     """
 
+    __slots__ = ("_sock", "_on_gone", "_watcher")  # one per waiting client: thousands
+
     def __init__(self, environ: dict, on_gone: Callable[[], None]) -> None:
         self._sock = next((environ[k] for k in SOCKET_KEYS if k in environ), None)
         self._on_gone = on_gone

@@ -23,7 +23,7 @@ class RequestHead:
 
     def __init__(self, rfile: BinaryIO) -> None:
         self.status = ""  # pywsgi answers 400 when it is set
-        self.fields: list[list[str]] = []
+        self.fields: list[tuple[str, str]] = []
         for _ in range(MAX_HEADERS + 1):
             line = rfile.readline(MAX_LINE + 1)
             if len(line) > MAX_LINE:
@@ -36,10 +36,11 @@ class RequestHead:
 
     def _add(self, line: str) -> None:
         if line[:1] in (" ", "\t") and self.fields:  # an obsolete folded continuation
-            self.fields[-1][1] += " " + line.strip()
+            name, value = self.fields[-1]
+            self.fields[-1] = (name, f"{value} {line.strip()}")
         elif ":" in line:
             name, value = line.split(":", 1)
-            self.fields.append([name, value.strip()])
+            self.fields.append((name, value.strip()))
 
     @property
     def headers(self) -> list[str]:

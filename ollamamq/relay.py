@@ -40,7 +40,6 @@ from .upstream import (
     SizedStream,
     drop_usage_events,
     error_record,
-    open_stream,
     request_headers,
     response_headers,
     token_counts,
@@ -224,7 +223,7 @@ def _connect(backend: Backend, path: str, body) -> Upstream:
     target = path + ("?" + request.query_string.decode() if request.query_string else "")
     headers = request_headers(request.headers.items())
     try:
-        return open_stream(backend, request.method, target, body, headers, timeouts())
+        return backend.pool.request(request.method, target, body, headers, timeouts())
     except ReadTimeout as exc:
         raise BackendTimeout(f"backend {backend.name} did not answer in time: {exc}") from None
     except STREAM_ERRORS as exc:

@@ -1,4 +1,4 @@
-"""Opening a streamed request to a backend, relaying its bytes and its headers."""
+"""What passes between client and backend: headers, bodies, token counts, usage events."""
 
 from __future__ import annotations
 
@@ -7,9 +7,6 @@ import logging
 import re
 from collections.abc import Iterable, Iterator
 from typing import IO
-
-from .backends import Backend
-from .http1 import Body, Response
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +75,6 @@ class SizedStream:
 
     def read(self, size: int = -1) -> bytes:
         return self._stream.read(size)
-
-
-def open_stream(
-    backend: Backend,
-    method: str,
-    path: str,
-    body: Body,
-    headers: dict[str, str],
-    timeout: tuple[float, float],
-) -> Response:
-    """Send the request and return once the backend's status and headers have arrived."""
-    return backend.pool.request(method, path, body, headers, timeout)
 
 
 def token_counts(tail: bytes) -> tuple[int, int]:

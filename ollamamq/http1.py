@@ -1,9 +1,9 @@
 """HTTP/1.1 to a backend: kept-alive connections, responses parsed by httptools.
 
-The relay's only client. urllib3 and http.client (whose headers go through the email
-parser) cost about 0.3 ms of CPU per proxied request, a third of the proxy's; a request
-written in one send and a response read by llhttp (httptools, uvicorn's parser) cost
-0.08 ms. A connection goes back to the pool only after a complete response.
+The relay's only client. A call through urllib3 and http.client (whose headers go through
+the email parser) cost 0.36 ms of CPU against the fake backend, a third of the proxy's;
+a request written in one send and an answer read by llhttp (httptools, uvicorn's parser)
+cost 0.13 ms. A connection goes back to the pool only after a complete answer.
 """
 
 from __future__ import annotations

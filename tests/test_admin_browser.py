@@ -125,6 +125,7 @@ def chat(url: str, user: str) -> int:
 @pytest.mark.parametrize("config", [{"ADMIN_PASSWORD": PASSWORD}])
 def test_queue_then_users_follow_a_slow_stream(proxy, fake, browser, shots):
     fake.tokens, fake.token_delay = 60, 0.05  # a 3-second stream
+    fake.gate = Event()  # held before its first byte until the page shows the others waiting
     log_in(browser, proxy, shots)
     streams = [gevent.spawn(chat, proxy, "alice")]
     browser.get(f"{proxy}/admin/queue")
@@ -134,6 +135,7 @@ def test_queue_then_users_follow_a_slow_stream(proxy, fake, browser, shots):
     wait.until(
         lambda d: text_of(d, ".group[data-user=bob]") and text_of(d, ".group[data-user=carol]")
     )
+    fake.gate.set()
     wait.until(lambda d: int(text_of(d, "tr[data-user=alice] [data-col=tokens]") or 0) > 0)
     screenshot(browser, shots, "queue")
 

@@ -48,19 +48,29 @@ class SizedBody(Protocol):
 Body = bytes | SizedBody | Iterable[bytes] | None
 
 
-def is_open_and_idle(sock: socket.socket) -> bool:
-    """Whether a kept-alive connection may be reused: one non-blocking peek.
+def peek(sock: socket.socket) -> bytes | None:
+    """The next byte waiting on a socket, left there for its reader.
 
-    Nothing to read means open and idle; an end of stream or stray bytes mean it is not.
+    b"" at the end of the stream (or on an error), None while nothing is waiting. One
+    system call that never blocks: safe to make in the hub.
     """
     raw = getattr(sock, "_sock", sock)  # gevent's recv would wait for data
     try:
-        raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
-        return True
+        return None
     except OSError:
-        return False
-    return False
+        return b""
+
+
+def is_open_and_idle(sock: socket.socket) -> bool:
+    """Whether a kept-alive connection may be reused: open, and nothing unasked-for on it."""
+    return peek(sock) is None
+
+
+def is_in_memory(body: Body) -> bool:
+    """A body sent with its head in one write, and that can be sent again."""
+    return body is None or isinstance(body, bytes)
 
 
 class ConnectionPool:
@@ -93,7 +103,7 @@ class ConnectionPool:
             try:
                 return self._exchange(sock, method, target, body, headers, timeout[1])
             except _Stale:
-                if not (body is None or isinstance(body, bytes)):
+                if not is_in_memory(body):
                     raise  # a streamed body is spent: it cannot be sent again
         sock = self._connect(timeout[0])
         try:
@@ -171,7 +181,7 @@ class ConnectionPool:
 
 def _send(sock: socket.socket, head: bytes, body: Body) -> None:
     """The request head and its body: in one write when the body is in memory."""
-    if body is None or isinstance(body, bytes):
+    if is_in_memory(body):
         sock.sendall(head + (body or b""))
         return
     sock.sendall(head)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -22,7 +21,7 @@ from .backends import Backend
 from .budgets import budgets
 from .dispatcher import Dispatcher
 from .fairshare import normalize_model
-from .http1 import READ_SIZE, ReadTimeout
+from .http1 import READ_SIZE, ReadTimeout, peek
 from .http1 import Response as Upstream
 from .identity import user_of
 from .payloads import (
@@ -78,15 +77,11 @@ class ClientWatch:
             self._watcher.start(self._readable)
 
     def _readable(self) -> None:
-        raw = getattr(self._sock, "_sock", self._sock)  # gevent's recv would wait: not in the hub
-        try:
-            hung_up = not raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        waiting = peek(self._sock)
+        if waiting is None:
             return
-        except OSError:
-            hung_up = True
         self.stop()  # data instead of a hang-up is the client's next request: stop looking
-        if hung_up:
+        if not waiting:
             self._on_gone()
 
     def stop(self) -> None:

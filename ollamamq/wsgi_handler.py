@@ -71,8 +71,8 @@ class Handler(WSGIHandler):
         self.rfile = sock.makefile("rb", READ_BUFFER)
 
     def handle(self) -> None:
-        # pywsgi writes headers and body separately: without this, Nagle's algorithm holds
-        # the body for the client's delayed ACK (~40 ms on every keep-alive request).
+        # A stream goes out one write per piece: without this, Nagle's algorithm holds a
+        # piece for the client's delayed ACK (~40 ms).
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().handle()
 
